@@ -1,0 +1,89 @@
+"""ONNX export and ONNX Runtime sessions.
+
+Exports go through ``onnx.checker`` (full check, with shape inference) and are
+written atomically; ``verify_onnx`` compares ORT's output with torch's.
+"""
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from deepshrink.core.errors import DeepShrinkError
+
+OPSET = 17
+
+
+class ExportError(DeepShrinkError):
+    """The model could not be exported to a valid ONNX graph."""
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = OPSET) -> Path:
+    """Export ``model`` (eval mode) with a dynamic batch axis; returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proto = onnx_bytes(model, input_shape, opset)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(proto)
+    os.replace(tmp, path)
+    return path
+
+
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET) -> bytes:
+    """The checked ONNX model as bytes (input ``input``, output ``logits``, batch axis dynamic)."""
+    was_training = model.training
+    model.eval()
+    example = torch.zeros(1, *input_shape)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+    except Exception as exc:  # torch raises many types here; the user needs one line
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        model.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported ONNX model is invalid: {str(exc).splitlines()[0]}") from exc
+    return buffer.getvalue()
+
+
+def ort_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with all graph optimisations and fixed thread counts."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_ort(session: ort.InferenceSession, inputs: torch.Tensor) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: inputs.detach().cpu().numpy().astype(np.float32)})[0]
+
+
+def verify_onnx(model: nn.Module, session: ort.InferenceSession, inputs: torch.Tensor) -> float:
+    """Max absolute difference between torch's and ORT's outputs on ``inputs``."""
+    with torch.no_grad():
+        expected = model.eval()(inputs).numpy()
+    return float(np.abs(run_ort(session, inputs) - expected).max())

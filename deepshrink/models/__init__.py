@@ -1,0 +1,57 @@
+"""Model zoo (registered by name), pretrained weights and user models."""
+
+import importlib
+from pathlib import Path
+
+from torch import nn
+
+from deepshrink.core.errors import InputError, WeightsError
+from deepshrink.models.weights import PRETRAINED_DIR, load_weights, read_manifest, save_weights
+from deepshrink.models.zoo import MODELS
+
+
+def list_models() -> list[str]:
+    return MODELS.names()
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build a zoo model; ``pretrained=True`` loads the Fashion-MNIST weights after checking their sha256."""
+    model = MODELS.get(name)(**kwargs)
+    if pretrained:
+        entry = read_manifest().get(name)
+        if entry is None:
+            raise WeightsError(f"no pretrained weights for {name!r}; train them with `deepshrink train {name} --publish`")
+        if kwargs:
+            raise InputError(f"pretrained {name!r} weights are for the default shape; drop {sorted(kwargs)}")
+        load_weights(model, PRETRAINED_DIR / entry["file"], expected_sha256=entry["sha256"])
+    return model.eval()
+
+
+def load_user_model(spec: str, weights: str | Path | None = None, **kwargs) -> nn.Module:
+    """Build a model from ``package.module:function`` and optionally load safetensors weights."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise InputError(f"user model must be given as module:function, got {spec!r}")
+    try:
+        builder = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot import user model {spec!r}: {exc}") from None
+    model = builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def resolve_model(name_or_spec: str, weights: str | Path | None = None, pretrained: bool = True) -> nn.Module:
+    """A zoo name (pretrained unless ``weights`` is given) or a user ``module:function``."""
+    if ":" in name_or_spec:
+        return load_user_model(name_or_spec, weights)
+    model = create_model(name_or_spec, pretrained=pretrained and weights is None)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+__all__ = ["MODELS", "create_model", "list_models", "load_user_model", "load_weights", "resolve_model", "save_weights"]
