@@ -357,7 +357,9 @@ def test_augment_crops_are_windows_of_the_padded_image():
         candidates = []
         for img in (i, i.flip(-1)):
             padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
-            candidates += [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) if torch.equal(o, padded[:, dy : dy + h, dx : dx + w])]
+            candidates += [
+                (dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) if torch.equal(o, padded[:, dy : dy + h, dx : dx + w])
+            ]
         assert candidates, "output is not a crop of the zero-padded (possibly flipped) input"
         shifted += (pad, pad) not in candidates
     assert shifted > 0

@@ -1,0 +1,103 @@
+import pytest
+import torch
+from torch import nn
+
+from deepshrink.data import ImageSet
+from deepshrink.evaluate import count_compute, evaluate, evaluate_accuracy, measure_size
+from deepshrink.evaluate.flops import flop_counter_flops
+from deepshrink.evaluate.latency import peak_rss_delta, time_callable
+from deepshrink.models import create_model, list_models
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def tiny_images() -> ImageSet:
+    generator = torch.Generator().manual_seed(0)
+    return ImageSet(torch.randn(40, 1, 28, 28, generator=generator), torch.randint(0, 10, (40,), generator=generator))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_dense_macs_match_flop_counter_mode(name):
+    model = create_model(name)
+    report = count_compute(model, (1, 28, 28), batch_size=2)
+    assert report.conv_linear_flops == flop_counter_flops(model, (1, 28, 28), batch_size=2)
+    assert report.macs * 2 == report.conv_linear_flops
+    assert report.effective_macs == report.macs  # a fresh model has no zero weights
+    assert report.flops > report.conv_linear_flops  # BN, activations, pooling, adds come on top
+
+
+def test_macs_closed_form_for_conv_linear_and_grouped_conv():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 8x8 out: 64 * 8 * 3 * 9
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: 64 * 8 * 1 * 9
+        nn.Conv2d(8, 4, 1, stride=2),  # 4x4 out: 16 * 4 * 8
+        nn.Flatten(),
+        nn.Linear(64, 10),  # 64 * 10
+    )
+    report = count_compute(model, (3, 8, 8))
+    assert [layer.macs for layer in report.layers] == [64 * 8 * 27, 64 * 8 * 9, 16 * 4 * 8, 640]
+
+
+def test_effective_macs_skip_zero_weights():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 5))
+    with torch.no_grad():
+        model[0].weight[:2] = 0  # half the filters
+        model[2].weight[:, ::4] = 0  # a quarter of the linear weights
+    report = count_compute(model, (1, 6, 6))
+    conv, linear = report.layers[0], report.layers[1]
+    assert conv.effective_macs * 2 == conv.macs
+    assert linear.effective_macs * 4 == linear.macs * 3
+
+
+def test_residual_adds_are_counted_once_per_element():
+    model = create_model("resnet20")
+    adds = [layer for layer in count_compute(model, (1, 28, 28)).layers if layer.kind == "add"]
+    # 9 blocks; stage outputs are 16x28x28, 32x14x14, 64x7x7, 3 blocks each.
+    assert len(adds) == 9
+    assert sum(a.flops for a in adds) == 3 * (16 * 28 * 28 + 32 * 14 * 14 + 64 * 7 * 7)
+
+
+def test_size_keeps_zeroed_and_removed_params_apart():
+    model = nn.Linear(10, 10)
+    with torch.no_grad():
+        model.weight[:5] = 0
+    size = measure_size(model)
+    assert size.params == 110
+    assert size.nonzero_params == 110 - 50
+    assert size.dense_fp32_bytes == 440
+    assert size.disk_bytes > 440  # safetensors header on top of the raw floats
+    assert size.sparsity == pytest.approx(50 / 110)
+
+
+def test_accuracy_on_known_predictions():
+    class Ranked(nn.Module):  # class 0 scores highest, class 9 lowest
+        def forward(self, x):
+            return -torch.arange(10.0).expand(len(x), 10)
+
+    labels = torch.tensor([0, 4, 5, 9])
+    result = evaluate_accuracy(Ranked(), ImageSet(torch.zeros(4, 1, 2, 2), labels), batch_size=3)
+    assert result.top1 == 25.0
+    assert result.top5 == 50.0
+    assert result.samples == 4
+    expected_loss = torch.nn.functional.cross_entropy(-torch.arange(10.0).expand(4, 10), labels).item()
+    assert result.loss == pytest.approx(expected_loss)
+
+
+def test_timing_and_memory_measure_real_work():
+    median, p90 = time_callable(lambda: sum(range(20000)), repeats=5, warmup=1)
+    assert 0 < median <= p90
+    grown = peak_rss_delta(lambda: torch.ones(64 * 2**20 // 4).add_(1).sum())  # 64 MiB tensor
+    assert grown >= 32 * 2**20
+
+
+def test_evaluate_report_is_complete_and_onnx_agrees(tiny_images):
+    torch.manual_seed(0)
+    model = create_model("lenet5")
+    report = evaluate(model, tiny_images, "lenet5", reference=create_model("lenet300"), batch_sizes=(1, 4), repeats=3, threads=1)
+    assert report.accuracy.samples == len(tiny_images)
+    assert report.onnx is not None and report.onnx.max_abs_diff < 1e-4 and report.onnx.top1_agreement == 100.0
+    assert {(r.backend, r.batch_size) for r in report.latency} == {("torch", 1), ("torch", 4), ("onnxruntime", 1), ("onnxruntime", 4)}
+    assert report.flop_counter_flops == report.compute.conv_linear_flops
+    assert report.compression_ratio == pytest.approx(measure_size(create_model("lenet300")).disk_bytes / report.size.disk_bytes)
+    assert report.to_dict()["environment"]["versions"]["torch"].startswith("2.13.0")
