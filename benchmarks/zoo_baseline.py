@@ -49,7 +49,9 @@ def main() -> None:
     )
     (RESULTS / "zoo_baseline.md").write_text(header + markdown_table(reports, columns))
     payload = [{**r.to_dict(), "manifest_top1": manifest[r.name]["test_top1"]} for r in reports]
-    (RESULTS / "zoo_baseline.json").write_text(json.dumps({"environment": env, "threads": args.threads, "results": payload}, indent=2) + "\n")
+    (RESULTS / "zoo_baseline.json").write_text(
+        json.dumps({"environment": env, "threads": args.threads, "results": payload}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,25 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_train_then_eval_round_trip(tmp_path, capsys):
     weights = tmp_path / "lenet300.safetensors"
     code, out, _ = run_cli(
-        capsys, "train", "lenet300", "--epochs", "2", "--train-subset", "3000", "--test-subset", "500", "--lr", "0.05", "--out", str(weights), "--no-progress"
+        capsys,
+        "train",
+        "lenet300",
+        "--epochs",
+        "2",
+        "--train-subset",
+        "3000",
+        "--test-subset",
+        "500",
+        "--lr",
+        "0.05",
+        "--out",
+        str(weights),
+        "--no-progress",
     )
     assert code == 0 and weights.is_file()
-    code, out, _ = run_cli(capsys, "eval", "lenet300", "--weights", str(weights), "--test-subset", "500", "--json", "--repeats", "3", "--threads", "1")
+    code, out, _ = run_cli(
+        capsys, "eval", "lenet300", "--weights", str(weights), "--test-subset", "500", "--json", "--repeats", "3", "--threads", "1"
+    )
     report = json.loads(out)
     assert code == 0
     assert report["accuracy"]["top1"] > 70.0  # 2 epochs on 3,000 images; chance is 10%
