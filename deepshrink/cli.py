@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--layers", action="store_true", help="also print per-layer MACs/FLOPs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("compress", help="run a compression recipe; writes .dsz, ONNX and a per-stage report")
+    p.add_argument("model", help="zoo name or module:function")
+    p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
+    p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
+    _add_data_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -134,6 +144,34 @@ def _print_zoo_evaluation(args: argparse.Namespace, manifest: dict) -> int:
         zoo_columns(manifest),
         title=f"pretrained zoo on Fashion-MNIST test ({len(data.test):,} images), {torch.get_num_threads()} threads",
     )
+    return 0
+
+
+@command("compress")
+def _compress(args: argparse.Namespace) -> int:
+    from deepshrink.models import architecture_of, resolve_model
+    from deepshrink.pipeline.recipe import load_recipe
+    from deepshrink.pipeline.runner import STAGE_COLUMNS, run_recipe
+    from deepshrink.report import print_table
+
+    recipe = load_recipe(args.recipe)
+    print(f"recipe {recipe.name}:")
+    print("\n".join(recipe.plan()))
+    if args.dry_run:
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model, args.weights)
+    data = _load_data(args)
+    out = args.out or f"runs/{recipe.name}-{args.model.replace(':', '_')}"
+    result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress)
+    print_table(result.rows, STAGE_COLUMNS, title=f"{recipe.name} on {args.model} ({len(data.test):,} test images)")
+    for path in (result.dsz_path, result.onnx_path):
+        if path:
+            print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if result.onnx_max_abs_diff is not None:
+        print(f"ONNX Runtime vs torch on the decoded model: max|diff| {result.onnx_max_abs_diff:.2e}")
+    print(f"report: {result.out_dir / 'report.md'}")
     return 0
 
 

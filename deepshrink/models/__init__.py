@@ -54,4 +54,30 @@ def resolve_model(name_or_spec: str, weights: str | Path | None = None, pretrain
     return model
 
 
-__all__ = ["MODELS", "create_model", "list_models", "load_user_model", "load_weights", "resolve_model", "save_weights"]
+def build_architecture(architecture: dict | None) -> nn.Module:
+    """An untrained model from an archive's architecture entry: ``{"zoo": name, "kwargs": {...}}`` or ``{"module": "pkg.mod:fn"}``."""
+    if not isinstance(architecture, dict):
+        raise InputError("the archive names no architecture; pass the model to load the weights into")
+    kwargs = architecture.get("kwargs", {})
+    if "zoo" in architecture:
+        return create_model(architecture["zoo"], **kwargs)
+    if "module" in architecture:
+        return load_user_model(architecture["module"], **kwargs)
+    raise InputError(f"unknown architecture entry {architecture!r}")
+
+
+def architecture_of(name_or_spec: str) -> dict:
+    return {"module": name_or_spec} if ":" in name_or_spec else {"zoo": name_or_spec}
+
+
+__all__ = [
+    "architecture_of",
+    "build_architecture",
+    "MODELS",
+    "create_model",
+    "list_models",
+    "load_user_model",
+    "load_weights",
+    "resolve_model",
+    "save_weights",
+]

@@ -1,0 +1,1 @@
+"""Compression methods. Each family: typed configs + registered apply functions."""

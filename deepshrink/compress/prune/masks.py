@@ -1,0 +1,118 @@
+"""Unstructured pruning masks: magnitude thresholds, layer-wise or global, and
+keeping masked weights at zero while training.
+
+Masks are plain bool tensors keyed by the layer's name. While fine-tuning,
+gradient hooks zero the masked gradients and an after-step hook re-zeroes the
+weights (momentum and weight decay would otherwise revive them). ``finalize``
+removes every hook, so the result is an ordinary model whose pruned weights are
+zeros in plain tensors.
+"""
+
+import torch
+from torch import nn
+
+from deepshrink.core.config import Scope, check_range
+from deepshrink.core.errors import InputError
+from deepshrink.train import TrainHook
+
+Masks = dict[str, torch.Tensor]
+
+
+def _kth_threshold(values: torch.Tensor, sparsity: float) -> float:
+    """Magnitude below which ``sparsity`` of ``values`` fall (exact count via kthvalue)."""
+    k = int(round(sparsity * values.numel()))
+    if k == 0:
+        return -1.0
+    return float(values.flatten().kthvalue(k).values)
+
+
+def magnitude_masks(
+    model: nn.Module,
+    sparsity: float,
+    scope: Scope | None = None,
+    granularity: str = "layer",
+    layer_sparsity: dict[str, float] | None = None,
+) -> Masks:
+    """Keep-masks that zero the smallest-magnitude weights.
+
+    ``granularity="layer"`` prunes ``sparsity`` of every layer (``layer_sparsity``
+    overrides it per layer name); ``"global"`` uses one threshold over all layers
+    in scope, so robust layers give up more weights than fragile ones.
+    """
+    check_range("sparsity", sparsity, 0.0, 1.0)
+    scope = scope or Scope()
+    layers = dict(scope.layers(model))
+    if not layers:
+        raise InputError(f"no layers in scope {scope}")
+    unknown = sorted(set(layer_sparsity or {}) - set(layers))
+    if unknown:
+        raise InputError(f"layer_sparsity names layers not in scope: {unknown}; in scope: {sorted(layers)}")
+    weights = {name: module.weight.detach().abs() for name, module in layers.items()}
+    for name, w in weights.items():
+        if not torch.isfinite(w).all():
+            raise InputError(f"layer {name!r} has NaN or infinite weights; cannot rank them by magnitude")
+    if granularity == "global":
+        threshold = _kth_threshold(torch.cat([w.flatten() for w in weights.values()]), sparsity)
+        return {name: w > threshold for name, w in weights.items()}
+    masks = {}
+    for name, w in weights.items():
+        s = (layer_sparsity or {}).get(name, sparsity)
+        check_range(f"layer_sparsity[{name}]", s, 0.0, 1.0)
+        masks[name] = _exact_mask(w, s)
+    return masks
+
+
+def _exact_mask(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune exactly round(sparsity * n) weights, breaking magnitude ties by position."""
+    k = int(round(sparsity * magnitude.numel()))
+    mask = torch.ones(magnitude.numel(), dtype=torch.bool)
+    if k:
+        mask[magnitude.flatten().argsort(stable=True)[:k]] = False
+    return mask.view_as(magnitude)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        modules[name].weight.masked_fill_(~mask, 0.0)  # +0.0; multiplying would leave -0.0 for negative weights
+
+
+def sparsity_of(masks: Masks) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
+
+
+class MaskHook(TrainHook):
+    """Keeps masked weights at zero during training; ``finalize`` removes all hooks."""
+
+    def __init__(self, model: nn.Module, masks: Masks) -> None:
+        self.model = model
+        self.masks = masks
+        self._handles: list = []
+        self.attach()
+
+    def attach(self) -> None:
+        self.detach()
+        modules = dict(self.model.named_modules())
+        for name, mask in self.masks.items():
+            self._handles.append(modules[name].weight.register_hook(lambda grad, mask=mask: grad.masked_fill(~mask, 0.0)))
+        apply_masks(self.model, self.masks)
+
+    def update(self, masks: Masks) -> None:
+        """Swap in new masks (gradual pruning) and apply them at once."""
+        self.masks = masks
+        self.attach()
+
+    def after_step(self, trainer) -> None:
+        apply_masks(self.model, self.masks)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def finalize(self) -> nn.Module:
+        apply_masks(self.model, self.masks)
+        self.detach()
+        return self.model

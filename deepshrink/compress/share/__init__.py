@@ -1,0 +1,7 @@
+"""Weight sharing: k-means codebooks with codebook fine-tuning."""
+
+from deepshrink.compress.share.kmeans import kmeans_1d
+from deepshrink.compress.share.kmeans_share import KMeansShare, tie_to_codebooks
+from deepshrink.compress.share.shared import codebook_of, tie, untie
+
+__all__ = ["KMeansShare", "codebook_of", "kmeans_1d", "tie", "tie_to_codebooks", "untie"]

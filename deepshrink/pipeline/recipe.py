@@ -1,0 +1,79 @@
+"""Recipes: YAML -> an ordered list of typed, validated method configs.
+
+A recipe file is a mapping with ``name``, ``version`` (the schema version,
+currently 1), an optional ``description`` and ``steps``: a list of one-key
+mappings ``{kind: {options}}``. Unknown keys, wrong types and out-of-range
+values fail at load time with the key path (``steps[1].share.linear_bits``).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepshrink.compress.prune import MagnitudePrune
+from deepshrink.compress.share import KMeansShare
+from deepshrink.core.config import Config
+from deepshrink.core.errors import InputError
+
+SCHEMA_VERSION = 1
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass(frozen=True)
+class Pack(Config):
+    """Write the model as an entropy-coded .dsz archive (and ONNX of the decoded model)."""
+
+    onnx: bool = True
+
+
+STEP_TYPES: dict[str, type[Config]] = {"prune": MagnitudePrune, "share": KMeansShare, "pack": Pack}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    steps: tuple[tuple[str, Config], ...]
+    description: str = ""
+    source: dict | None = None  # the parsed YAML, kept for the run folder
+
+    def plan(self) -> list[str]:
+        return [f"{i + 1}. {kind}: {cfg.to_dict()}" for i, (kind, cfg) in enumerate(self.steps)]
+
+
+def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise InputError(f"{origin}: a recipe must be a mapping with name, version and steps")
+    unknown = sorted(set(data) - {"name", "version", "description", "steps"})
+    if unknown:
+        raise InputError(f"{origin}: unknown key(s) {unknown}; allowed: description, name, steps, version")
+    if data.get("version") != SCHEMA_VERSION:
+        raise InputError(f"{origin}: version must be {SCHEMA_VERSION}, got {data.get('version')!r}")
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise InputError(f"{origin}: steps must be a non-empty list")
+    parsed = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or len(step) != 1:
+            raise InputError(f"{origin}: steps[{i}] must be a mapping with exactly one step kind ({', '.join(STEP_TYPES)})")
+        ((kind, options),) = step.items()
+        if kind not in STEP_TYPES:
+            raise InputError(f"{origin}: steps[{i}]: unknown step kind {kind!r}; known: {', '.join(STEP_TYPES)}")
+        parsed.append((kind, STEP_TYPES[kind].from_dict(options or {}, f"steps[{i}].{kind}")))
+    return Recipe(str(data.get("name", origin)), tuple(parsed), str(data.get("description", "")), data)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``deep-compression``) or a YAML file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{str(name_or_path).replace('-', '_')}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem.replace("_", "-") for p in RECIPES_DIR.glob("*.yaml"))
+        raise InputError(f"recipe {str(name_or_path)!r} not found; shipped recipes: {', '.join(shipped)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_recipe(data, str(path))
