@@ -1,3 +1,63 @@
-"""deepshrink: make trained neural networks smaller and faster, and measure it."""
+"""deepshrink: make trained neural networks smaller and faster, and measure it.
+
+The public API, one verb per family::
+
+    import deepshrink as ds
+    model = ds.create_model("lenet300", pretrained=True)
+    data = ds.load_data()                       # Fashion-MNIST by default
+    pruned = ds.prune(model, ds.MagnitudePrune(sparsity=0.9), data=data)
+    shared = ds.share(pruned, ds.KMeansShare(linear_bits=5))
+    ds.pack(shared, "model.dsz", {"zoo": "lenet300"})
+    restored = ds.unpack("model.dsz")
+    print(ds.evaluate(restored, data.test).accuracy)
+"""
+
+from torch import nn
+
+from deepshrink.compress.prune import MagnitudePrune
+from deepshrink.compress.share import KMeansShare
+from deepshrink.core.errors import DeepShrinkError, InputError
+from deepshrink.core.methods import Context, apply_method
+from deepshrink.data import CalibrationSet, load_data
+from deepshrink.encode.pack import pack, unpack
+from deepshrink.evaluate import evaluate
+from deepshrink.export import export_onnx
+from deepshrink.models import create_model, list_models, load_user_model
+from deepshrink.pipeline.recipe import load_recipe
+from deepshrink.pipeline.runner import run_recipe
+from deepshrink.train import TrainConfig, train
 
 __version__ = "0.1.0"
+
+
+def prune(model: nn.Module, config: MagnitudePrune, data=None, progress: bool = True) -> nn.Module:
+    """A pruned copy of ``model``; ``data`` (a DataBundle) is needed when the config fine-tunes."""
+    return apply_method(model, config, Context(data, progress))
+
+
+def share(model: nn.Module, config: KMeansShare, data=None, progress: bool = True) -> nn.Module:
+    """A weight-shared copy of ``model``; ``data`` is needed when the config fine-tunes the codebooks."""
+    return apply_method(model, config, Context(data, progress))
+
+
+__all__ = [
+    "CalibrationSet",
+    "DeepShrinkError",
+    "InputError",
+    "KMeansShare",
+    "MagnitudePrune",
+    "TrainConfig",
+    "create_model",
+    "evaluate",
+    "export_onnx",
+    "list_models",
+    "load_data",
+    "load_recipe",
+    "load_user_model",
+    "pack",
+    "prune",
+    "run_recipe",
+    "share",
+    "train",
+    "unpack",
+]

@@ -92,7 +92,12 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        for option in args:
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:  # X | None: X's own error keeps the inner key path (finetune.lr, ...)
+            return _coerce(options[0], value, path)
+        for option in options:
             try:
                 return _coerce(option, value, path)
             except InputError:

@@ -117,7 +117,8 @@ def _encode_codebook(flat: np.ndarray, codebook: np.ndarray) -> tuple[dict, dict
 def _encode_sparse_raw(flat: np.ndarray) -> tuple[dict, dict[str, bytes], float, float]:
     """Non-zero values stored raw at coded relative positions (a pruned but unshared tensor)."""
     nonzero = flat != 0
-    bits, gaps, is_filler, gap_codec, gap_data = min(_sparse_gaps(nonzero), key=lambda c: len(c[4]))
+    # Total size: a narrower index width codes gaps in fewer bits but adds fillers, each a 4-byte raw value.
+    bits, gaps, is_filler, gap_codec, gap_data = min(_sparse_gaps(nonzero), key=lambda c: len(c[4]) + 4 * len(c[1]))
     values = np.zeros(len(gaps), flat.dtype)
     values[~is_filler] = flat[nonzero]
     raw = values.astype("<f4").tobytes()

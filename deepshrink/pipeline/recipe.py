@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from deepshrink.compress.prune import MagnitudePrune
-from deepshrink.compress.share import KMeansShare
+from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
 
@@ -28,7 +28,7 @@ class Pack(Config):
     onnx: bool = True
 
 
-STEP_TYPES: dict[str, type[Config]] = {"prune": MagnitudePrune, "share": KMeansShare, "pack": Pack}
+STEP_TYPES: dict[str, type[Config]] = {"prune": MagnitudePrune, "share": KMeansShare, "hash_share": HashShare, "pack": Pack}
 
 
 @dataclass(frozen=True)

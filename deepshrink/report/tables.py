@@ -1,5 +1,6 @@
 """One table definition, two renderings: rich in the terminal, Markdown in files."""
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,8 @@ def print_table(rows: Sequence[Any], columns: Sequence[Column], title: str | Non
         table.add_column(column.header, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*(c.render(row) for c in columns))
-    (console or Console()).print(table)
+    # Off a terminal (logs, CI, pipes) rich would wrap at 80 columns; tables read better unwrapped.
+    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
 
 
 def _kib(n: int | None) -> float | None:

@@ -22,7 +22,8 @@ class GradualPruningHook(MaskHook):
     def __init__(self, model, make_masks: Callable[[float], Masks], start: int, end: int, frequency: int) -> None:
         self.make_masks = make_masks
         self.start, self.end, self.frequency = start, end, max(1, frequency)
-        super().__init__(model, make_masks(0.0))
+        # No step falls inside an empty ramp (end <= start, e.g. one batch): prune to the target at once.
+        super().__init__(model, make_masks(1.0 if self.end <= self.start else 0.0))
 
     def after_step(self, trainer) -> None:
         step = trainer.step

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from deepshrink.compress.share.kmeans import kmeans_1d
-from deepshrink.compress.share.shared import tie, untie
+from deepshrink.compress.share.shared import finetune_tied, tie
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
-from deepshrink.train import TrainConfig, Trainer
+from deepshrink.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,4 @@ def tie_to_codebooks(model: nn.Module, cfg: KMeansShare) -> dict[str, int]:
 @register(KMeansShare)
 def _apply(model: nn.Module, cfg: KMeansShare, ctx: Context) -> nn.Module:
     tie_to_codebooks(model, cfg)
-    if cfg.finetune is not None:
-        if ctx.data is None:
-            raise InputError("codebook fine-tuning needs data: pass data= (a DataBundle)")
-        Trainer(model, cfg.finetune, ctx.data.train, ctx.data.val, progress=ctx.progress).fit()
-    return untie(model)
+    return finetune_tied(model, cfg.finetune, ctx)

@@ -12,30 +12,48 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deepshrink.core.errors import InputError
+from deepshrink.train import Trainer
+
 
 class CodebookWeight(nn.Module):
-    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor) -> None:
+    """weight = sign * codebook[indices] where kept, +0.0 elsewhere (``sign`` is HashedNets' sign hash)."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor, sign: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("indices", indices)
         self.register_buffer("keep", keep)
+        self.register_buffer("sign", sign)
         self._initial_codebook = codebook
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
+        values = codebook[self.indices]
+        if self.sign is not None:
+            values = values * self.sign
         # where(), not a multiply by the mask: pruned weights must be +0.0, never -0.0.
-        return torch.where(self.keep, codebook[self.indices], torch.zeros((), dtype=codebook.dtype))
+        return torch.where(self.keep, values, torch.zeros((), dtype=codebook.dtype))
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return self._initial_codebook.clone()
 
 
-def tie(module: nn.Module, codebook: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor) -> None:
-    parametrize.register_parametrization(
-        module, "weight", CodebookWeight(codebook, indices.view_as(module.weight), keep.view_as(module.weight))
-    )
+def tie(module: nn.Module, codebook: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor, sign: torch.Tensor | None = None) -> None:
+    shape = module.weight.shape
+    sign = None if sign is None else sign.view(shape)
+    parametrize.register_parametrization(module, "weight", CodebookWeight(codebook, indices.view(shape), keep.view(shape), sign))
 
 
 def codebook_of(module: nn.Module) -> torch.Tensor:
     return module.parametrizations.weight.original
+
+
+def finetune_tied(model: nn.Module, finetune, ctx) -> nn.Module:
+    """Train the shared values (weights stay tied) if ``finetune`` is set, then untie."""
+    if finetune is not None:
+        if ctx.data is None:
+            raise InputError("fine-tuning shared weights needs data: pass data= (a DataBundle)")
+        Trainer(model, finetune, ctx.data.train, ctx.data.val, progress=ctx.progress).fit()
+    return untie(model)
 
 
 def untie(model: nn.Module) -> nn.Module:
