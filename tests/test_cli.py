@@ -109,3 +109,48 @@ def test_eval_resnet20_acceptance(capsys):
     assert abs(report["accuracy"]["top1"] - report["manifest_top1"]) <= 0.1
     assert 2 * report["compute"]["macs"] == report["flop_counter_flops"]
     assert report["onnx"]["max_abs_diff"] < 1e-3 and report["onnx"]["top1_agreement"] >= 99.9
+
+
+def test_compress_dry_run_prints_the_validated_plan(capsys):
+    code, out, _ = run_cli(capsys, "compress", "lenet300", "--recipe", "deep-compression", "--dry-run")
+    assert code == 0
+    assert "1. prune:" in out and "2. share:" in out and "3. pack:" in out
+
+
+def test_compress_rejects_a_bad_recipe_with_the_key_path(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\nversion: 1\nsteps:\n  - prune: {sparsity: 1.5}\n")
+    code, _, err = run_cli(capsys, "compress", "lenet300", "--recipe", str(recipe), "--dry-run")
+    assert code == 2 and "steps[0].prune.sparsity must be in [0.0, 1.0)" in err
+
+
+def test_compress_end_to_end_on_a_subset(tmp_path, capsys):
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(
+        "name: small\nversion: 1\nsteps:\n"
+        "  - prune: {sparsity: 0.9, granularity: global, finetune: {epochs: 1, lr: 0.01, weight_decay: 0.0}}\n"
+        "  - share: {linear_bits: 4}\n"
+        "  - pack: {}\n"
+    )
+    out_dir = tmp_path / "run"
+    args = [
+        "compress",
+        "lenet300",
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(out_dir),
+        "--test-subset",
+        "1000",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    original, final = report["stages"][0], report["stages"][-1]
+    assert final["dsz_bytes"] == (out_dir / "model.dsz").stat().st_size
+    assert original["fp32_bytes"] / final["dsz_bytes"] > 25  # 90% zeros, 4-bit indices, entropy coded
+    assert final["top1"] > original["top1"] - 3.0  # 1 epoch of fine-tuning on the pretrained model
+    assert report["onnx_max_abs_diff"] < 1e-4

@@ -40,6 +40,8 @@ def magnitude_masks(
     in scope, so robust layers give up more weights than fragile ones.
     """
     check_range("sparsity", sparsity, 0.0, 1.0)
+    if granularity == "global" and layer_sparsity:
+        raise InputError("layer_sparsity sets per-layer targets, which granularity 'global' replaces by one threshold; use one of the two")
     scope = scope or Scope()
     layers = dict(scope.layers(model))
     if not layers:

@@ -35,6 +35,10 @@ class MagnitudePrune(Config):
         check_range("sparsity", self.sparsity, 0.0, 1.0)
         for name, value in (self.layer_sparsity or {}).items():
             check_range(f"layer_sparsity.{name}", value, 0.0, 1.0)
+        if self.granularity == "global" and self.layer_sparsity:
+            raise InputError(
+                "layer_sparsity sets per-layer targets, which granularity 'global' replaces by one threshold; use one of the two"
+            )
         check_range("agp_fraction", self.agp_fraction, 0.0, 1.0, high_inclusive=True)
         if self.iterations < 1:
             raise InputError(f"iterations must be >= 1, got {self.iterations}")

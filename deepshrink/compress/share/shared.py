@@ -60,4 +60,11 @@ def untie(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            # That re-registers ``weight`` after ``bias``: restore the layer's own order so the state dict
+            # (and every archive written from it) is the same as the untouched model's.
+            params = module._parameters
+            rest = {k: v for k, v in params.items() if k != "weight"}
+            weight = params.pop("weight")
+            params.clear()
+            params.update({"weight": weight, **rest})
     return model
