@@ -36,6 +36,16 @@ PEERS = {
 }
 
 
+STREAM_COLUMNS = [
+    Column("tensor", lambda t: t["name"]),
+    Column("codec/layout", lambda t: t["codec"]),
+    Column("weights", lambda t: t["numel"], "{:,}"),
+    Column("bytes", lambda t: t["bytes"], "{:,}"),
+    Column("bits/weight", lambda t: t["bits_per_weight"], "{:.3f}"),
+    Column("entropy bound bits/weight", lambda t: t["entropy_bits"] / t["numel"], "{:.3f}"),
+]
+
+
 def safetensors_bytes(model: torch.nn.Module) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         return save_weights(model, Path(tmp) / "w.safetensors").read_bytes()
@@ -86,12 +96,14 @@ def main() -> None:
         peers = [peer_sizes("pretrained fp32", model), peer_sizes("after prune + share (fp32 tensors)", final)]
         peers.append({"weights": "after prune + share", "safetensors": None, "deepshrink .dsz": result.dsz_path.stat().st_size})
         print_table(result.rows, STAGE_COLUMNS, title=f"Deep Compression: {name}")
+        streams = json.loads((result.out_dir / "dsz_streams.json").read_text())["tensors"]
         first, last = result.rows[0], result.rows[-1]
         payload["models"][name] = {
             "stages": [{**vars(r), "bytes": r.bytes, "ratio": r.ratio} for r in result.rows],
             "top1_drop_pp": first.top1 - last.top1,
             "compression_ratio": last.ratio,
             "peers": peers,
+            "streams": streams,
         }
         peer_columns = [Column("weights", lambda r: r["weights"])] + [
             Column(k, lambda r, k=k: r.get(k), "{:,}") for k in ("safetensors", *PEERS, "deepshrink .dsz")
@@ -102,6 +114,8 @@ def main() -> None:
             + markdown_table(result.rows, STAGE_COLUMNS)
             + "\nThe same weights through general-purpose compressors (bytes):\n\n"
             + markdown_table(peers, peer_columns)
+            + "\nPer tensor in the .dsz (coded bits per weight vs the Shannon bound of its symbol streams):\n\n"
+            + markdown_table(streams, STREAM_COLUMNS)
         )
     with tempfile.TemporaryDirectory() as tmp:
         payload["round_trip"] = [round_trip(name, data, Path(tmp)) for name in list_models()]

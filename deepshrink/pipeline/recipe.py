@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from deepshrink.compress.prune import MagnitudePrune
+from deepshrink.compress.prune import ChannelPrune, MagnitudePrune
 from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
@@ -28,7 +28,13 @@ class Pack(Config):
     onnx: bool = True
 
 
-STEP_TYPES: dict[str, type[Config]] = {"prune": MagnitudePrune, "share": KMeansShare, "hash_share": HashShare, "pack": Pack}
+STEP_TYPES: dict[str, type[Config]] = {
+    "prune": MagnitudePrune,
+    "channel_prune": ChannelPrune,
+    "share": KMeansShare,
+    "hash_share": HashShare,
+    "pack": Pack,
+}
 
 
 @dataclass(frozen=True)
