@@ -14,8 +14,9 @@ understand (slicing, a reshape other than flatten, a grouped conv, the model
 output, a module called twice) makes its whole group unprunable.
 """
 
+import contextlib
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -174,6 +175,18 @@ class _Groups:
                 self.reasons[root].append(reason)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode (BN statistics untouched, dropout off), then restore every module's own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
     """Trace ``model`` on ``example_input`` and return its channel groups, prunable ones first.
 
@@ -207,15 +220,11 @@ def _traced_graph(model: nn.Module, example_input: torch.Tensor) -> fx.Graph:
         raise InputError(
             f"structured pruning needs a torch.fx-traceable model; tracing {type(model).__name__} failed: {type(exc).__name__}: {exc}"
         ) from None
-    was_training = model.training
-    traced.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(traced), torch.no_grad():
             ShapeProp(traced).propagate(example_input)
     except Exception as exc:
         raise InputError(f"example input of shape {tuple(example_input.shape)} does not run through the model: {exc}") from None
-    finally:
-        model.train(was_training)
     return traced.graph
 
 

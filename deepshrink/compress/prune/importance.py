@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deepshrink.compress.prune.dependency import ChannelGroup, Member
+from deepshrink.compress.prune.dependency import ChannelGroup, Member, eval_mode
 from deepshrink.core.errors import InputError
 
 Criterion = Literal["l1", "l2", "bn_scale", "taylor", "hessian", "random"]
@@ -101,19 +101,18 @@ def _gradient_scores(
     owned = [_channel_params(modules, g, ("out", "bn")) for g in groups]
     params = list({id(p): p for pairs in owned for p, _ in pairs}.values())
     totals = [torch.zeros(g.size) for g in groups]
-    flags, was_training = [p.requires_grad for p in params], model.training
-    model.eval()
+    flags = [p.requires_grad for p in params]
     count = 0
     try:
         for p in params:
             p.requires_grad_(True)
-        for loss in _losses(model, batches):
-            grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True), strict=True))
-            for total, group, pairs in zip(totals, groups, owned, strict=True):
-                total += _saliency(group, pairs, grads, criterion)
-            count += 1
+        with eval_mode(model):
+            for loss in _losses(model, batches):
+                grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True), strict=True))
+                for total, group, pairs in zip(totals, groups, owned, strict=True):
+                    total += _saliency(group, pairs, grads, criterion)
+                count += 1
     finally:
-        model.train(was_training)
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
     if count == 0:

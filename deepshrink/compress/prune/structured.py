@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deepshrink.compress.prune.dependency import ChannelGroup, channel_groups
+from deepshrink.compress.prune.dependency import ChannelGroup, channel_groups, eval_mode
 from deepshrink.compress.prune.importance import CRITERIA, GRADIENT_CRITERIA, channel_scores
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
@@ -284,11 +284,10 @@ def _block_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> 
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    was_training = model.training
     try:
-        model.eval()(example)
+        with eval_mode(model):
+            model(example)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return shapes
@@ -304,18 +303,14 @@ def example_input_for(model: nn.Module, data=None) -> torch.Tensor:
     if first is None:
         raise InputError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     shapes = [(first.in_features,)] if isinstance(first, nn.Linear) else [(first.in_channels, s, s) for s in (28, 32, 224)]
-    was_training = model.training
-    try:
-        for shape in shapes:
-            x = torch.zeros(2, *shape, dtype=dtype)
-            try:
-                with torch.no_grad():
-                    model.eval()(x)
-                return x
-            except RuntimeError:
-                continue
-    finally:
-        model.train(was_training)
+    for shape in shapes:
+        x = torch.zeros(2, *shape, dtype=dtype)
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(x)
+            return x
+        except RuntimeError:
+            continue
     raise InputError(f"cannot guess the input shape of {type(model).__name__} (tried {shapes}); pass data= (a DataBundle)")
 
 
