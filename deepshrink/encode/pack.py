@@ -238,11 +238,14 @@ def unpack_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def unpack(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the packed model: into ``model`` if given, else from the archive's architecture entry."""
+    from deepshrink.models.weights import resize_to_state_dict
+
     state, manifest = unpack_state(path)
     if model is None:
         from deepshrink.models import build_architecture
 
         model = build_architecture(manifest.get("architecture"))
+    resize_to_state_dict(model, state)  # a channel-pruned model is smaller than its architecture entry
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -133,7 +133,7 @@ def run_recipe(
         checkpoint = out_dir / f"step{i + 1}_{kind}.safetensors"
         start = time.perf_counter()
         if checkpoint.exists():  # finished in an earlier, interrupted run
-            model = load_weights(_fresh_copy(model), checkpoint)
+            model = load_weights(_fresh_copy(model), checkpoint, resize=True)
         else:
             model = apply_method(model, cfg, ctx)
             save_weights(model, checkpoint)

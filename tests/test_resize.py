@@ -1,0 +1,36 @@
+"""Channel-pruned models reload into their zoo architecture: checkpoints, archives, recipe resume."""
+
+import pytest
+import torch
+
+from deepshrink.compress.prune import ChannelPrune
+from deepshrink.core.errors import WeightsError
+from deepshrink.core.methods import apply_method
+from deepshrink.encode.pack import pack, unpack
+from deepshrink.models import create_model, list_models
+from deepshrink.models.weights import load_weights, save_weights
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_pruned_model_reloads_into_its_architecture(name, tmp_path):
+    torch.manual_seed(0)
+    pruned = apply_method(create_model(name), ChannelPrune(ratio=0.5))
+    x = torch.randn(2, 1, 28, 28)
+    pack(pruned, tmp_path / "m.dsz", {"zoo": name})
+    save_weights(pruned, tmp_path / "m.safetensors")
+    from_archive = unpack(tmp_path / "m.dsz")
+    from_file = load_weights(create_model(name), tmp_path / "m.safetensors", resize=True).eval()
+    with torch.no_grad():
+        expected = pruned(x)
+        assert torch.equal(from_archive(x), expected)
+        assert torch.equal(from_file(x), expected)
+    assert sum(p.numel() for p in from_file.parameters()) == sum(p.numel() for p in pruned.parameters())
+
+
+def test_without_resize_a_pruned_checkpoint_is_a_clear_error(tmp_path):
+    pruned = apply_method(create_model("resnet20"), ChannelPrune(ratio=0.5))
+    save_weights(pruned, tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match="do not match the model"):
+        load_weights(create_model("resnet20"), tmp_path / "m.safetensors")
