@@ -6,7 +6,8 @@ For each model: the recipes/deep_compression.yaml run (per-stage table), the
 .dsz bytes on disk against gzip / zstd / xz of the same weights (the fp32
 safetensors and the pruned+shared safetensors), and for every zoo model a
 bit-exact round trip (torch.equal weights, identical predictions on the whole
-test set). Writes benchmarks/results/deep_compression.{md,json}.
+test set). Writes benchmarks/results/deep_compression.{md,json} and
+pack_round_trip.{md,json}; `--part recipe` or `--part round-trip` runs one half.
 """
 
 import argparse
@@ -78,68 +79,81 @@ def round_trip(name: str, data, tmp: Path) -> dict:
     return row
 
 
+RT_COLUMNS = [
+    Column("model", lambda r: r["model"]),
+    Column("pretrained .dsz bytes", lambda r: r["pretrained"]["dsz_bytes"], "{:,}"),
+    Column("exact", lambda r: r["pretrained"]["weights_equal"] and r["pretrained"]["predictions_equal"]),
+    Column("pruned 80% + shared .dsz bytes", lambda r: r["pruned+shared"]["dsz_bytes"], "{:,}"),
+    Column("exact", lambda r: r["pruned+shared"]["weights_equal"] and r["pruned+shared"]["predictions_equal"]),
+]
+
+
+def round_trips(data) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return [round_trip(name, data, Path(tmp)) for name in list_models()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet300,lenet5_caffe")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/benchmark-deep-compression")
+    parser.add_argument("--part", choices=["all", "recipe", "round-trip"], default="all")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data()
     recipe = load_recipe("deep-compression")
     env = environment()
-    sections, payload = [], {"environment": env, "threads": args.threads, "recipe": recipe.source, "models": {}, "round_trip": []}
-    for name in args.models.split(","):
-        model = create_model(name, pretrained=True)
-        result = run_recipe(model, recipe, data, Path(args.out) / name, {"zoo": name}, progress=False)
-        final = unpack(result.dsz_path, create_model(name))
-        peers = [peer_sizes("pretrained fp32", model), peer_sizes("after prune + share (fp32 tensors)", final)]
-        peers.append({"weights": "after prune + share", "safetensors": None, "deepshrink .dsz": result.dsz_path.stat().st_size})
-        print_table(result.rows, STAGE_COLUMNS, title=f"Deep Compression: {name}")
-        streams = json.loads((result.out_dir / "dsz_streams.json").read_text())["tensors"]
-        first, last = result.rows[0], result.rows[-1]
-        payload["models"][name] = {
-            "stages": [{**vars(r), "bytes": r.bytes, "ratio": r.ratio} for r in result.rows],
-            "top1_drop_pp": first.top1 - last.top1,
-            "compression_ratio": last.ratio,
-            "peers": peers,
-            "streams": streams,
-        }
-        peer_columns = [Column("weights", lambda r: r["weights"])] + [
-            Column(k, lambda r, k=k: r.get(k), "{:,}") for k in ("safetensors", *PEERS, "deepshrink .dsz")
-        ]
-        sections.append(
-            f"## {name}\n\nTop-1 {first.top1:.2f}% → {last.top1:.2f}% (drop {first.top1 - last.top1:.2f}pp), "
-            f"{last.ratio:.1f}x smaller on disk ({first.fp32_bytes:,} → {last.bytes:,.0f} bytes).\n\n"
-            + markdown_table(result.rows, STAGE_COLUMNS)
-            + "\nThe same weights through general-purpose compressors (bytes):\n\n"
-            + markdown_table(peers, peer_columns)
-            + "\nPer tensor in the .dsz (coded bits per weight vs the Shannon bound of its symbol streams):\n\n"
-            + markdown_table(streams, STREAM_COLUMNS)
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        payload["round_trip"] = [round_trip(name, data, Path(tmp)) for name in list_models()]
-    rt_columns = [
-        Column("model", lambda r: r["model"]),
-        Column("pretrained .dsz bytes", lambda r: r["pretrained"]["dsz_bytes"], "{:,}"),
-        Column("exact", lambda r: r["pretrained"]["weights_equal"] and r["pretrained"]["predictions_equal"]),
-        Column("pruned 80% + shared .dsz bytes", lambda r: r["pruned+shared"]["dsz_bytes"], "{:,}"),
-        Column("exact", lambda r: r["pruned+shared"]["weights_equal"] and r["pruned+shared"]["predictions_equal"]),
-    ]
-    print_table(payload["round_trip"], rt_columns, title="pack/unpack round trip")
+    sections, payload = [], {"environment": env, "threads": args.threads, "recipe": recipe.source, "models": {}}
     header = (
-        "# Deep Compression on Fashion-MNIST\n\n"
         f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores; threads: {args.threads}; date: {env['date']}.\n"
         f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n"
-        "Recipe: `recipes/deep_compression.yaml`. Reproduce: `.venv/bin/python benchmarks/deep_compression.py`\n\n"
-    )
-    round_trip_md = (
-        "## Round trip, every zoo model\n\n`unpack(pack(m))`: `exact` means torch.equal on every tensor and identical "
-        "predictions on all 10,000 test images.\n\n" + markdown_table(payload["round_trip"], rt_columns)
+        "Reproduce: `.venv/bin/python benchmarks/deep_compression.py`\n\n"
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deep_compression.md").write_text(header + "\n".join(sections) + "\n" + round_trip_md)
-    (RESULTS / "deep_compression.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if args.part in ("all", "recipe"):
+        for name in args.models.split(","):
+            model = create_model(name, pretrained=True)
+            result = run_recipe(model, recipe, data, Path(args.out) / name, {"zoo": name}, progress=False)
+            final = unpack(result.dsz_path, create_model(name))
+            peers = [peer_sizes("pretrained fp32", model), peer_sizes("after prune + share (fp32 tensors)", final)]
+            peers.append({"weights": "after prune + share", "safetensors": None, "deepshrink .dsz": result.dsz_path.stat().st_size})
+            print_table(result.rows, STAGE_COLUMNS, title=f"Deep Compression: {name}")
+            streams = json.loads((result.out_dir / "dsz_streams.json").read_text())["tensors"]
+            first, last = result.rows[0], result.rows[-1]
+            payload["models"][name] = {
+                "stages": [{**vars(r), "bytes": r.bytes, "ratio": r.ratio} for r in result.rows],
+                "top1_drop_pp": first.top1 - last.top1,
+                "compression_ratio": last.ratio,
+                "peers": peers,
+                "streams": streams,
+            }
+            peer_columns = [Column("weights", lambda r: r["weights"])] + [
+                Column(k, lambda r, k=k: r.get(k), "{:,}") for k in ("safetensors", *PEERS, "deepshrink .dsz")
+            ]
+            sections.append(
+                f"## {name}\n\nTop-1 {first.top1:.2f}% → {last.top1:.2f}% (drop {first.top1 - last.top1:.2f}pp), "
+                f"{last.ratio:.1f}x smaller on disk ({first.fp32_bytes:,} → {last.bytes:,.0f} bytes).\n\n"
+                + markdown_table(result.rows, STAGE_COLUMNS)
+                + "\nThe same weights through general-purpose compressors (bytes):\n\n"
+                + markdown_table(peers, peer_columns)
+                + "\nPer tensor in the .dsz (coded bits per weight vs the Shannon bound of its symbol streams):\n\n"
+                + markdown_table(streams, STREAM_COLUMNS)
+            )
+        (RESULTS / "deep_compression.md").write_text(
+            "# Deep Compression on Fashion-MNIST\n\nRecipe: `recipes/deep_compression.yaml`.\n" + header + "\n".join(sections)
+        )
+        (RESULTS / "deep_compression.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if args.part in ("all", "round-trip"):
+        rows = round_trips(data)
+        print_table(rows, RT_COLUMNS, title="pack/unpack round trip")
+        (RESULTS / "pack_round_trip.md").write_text(
+            "# .dsz round trip, every zoo model\n\n"
+            + header
+            + "`unpack(pack(m))`: `exact` means torch.equal on every tensor and identical "
+            "predictions on all 10,000 test images.\n\n" + markdown_table(rows, RT_COLUMNS)
+        )
+        (RESULTS / "pack_round_trip.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("prune", help="prune (magnitude, channel or N:M), fine-tune, export; compare before and after")
+    p.add_argument("model", help="zoo name or module:function")
+    p.add_argument("--method", required=True, choices=["magnitude", "channel", "nm"])
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights (magnitude) or channels (channel) to remove")
+    p.add_argument("--granularity", choices=["layer", "global"], default=None, help="magnitude/channel (default: layer)")
+    p.add_argument(
+        "--importance", choices=["l1", "l2", "bn_scale", "taylor", "hessian", "random"], default=None, help="channel only (default: l1)"
+    )
+    p.add_argument("--round-to", type=int, default=None, help="channel only: keep channel counts at multiples of K")
+    p.add_argument("--nm", default=None, help="nm only: keep N of every M weights (default: 2:4)")
+    p.add_argument("--exclude", default=None, help="regex of layer names to leave unpruned")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after pruning (0: none)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
+    p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/prune-<model>-<method>)")
+    p.add_argument("--train-subset", type=int, default=None)
+    _add_data_args(p)
+    p.add_argument("--sensitivity", action="store_true", help="also measure per-layer sensitivity on the validation set (before pruning)")
+    p.add_argument("--sensitivity-subset", type=int, default=1000, help="validation images used by --sensitivity")
+    p.add_argument("--repeats", type=int, default=20, help="ORT latency runs at batch 64")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -290,6 +312,223 @@ def _train(args: argparse.Namespace) -> int:
         )
         print(f"published {entry['file']} (sha256 {entry['sha256'][:12]}...)")
     return 0
+
+
+PRUNE_LATENCY_BATCH = 64
+
+
+@command("prune")
+def _prune(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from deepshrink.compress.prune import nm_masks
+    from deepshrink.core.methods import Context, apply_method
+    from deepshrink.models import resolve_model
+
+    cfg = _prune_config(args)  # before any loading: a bad flag fails at once
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model, args.weights)
+    if args.method == "nm":
+        nm_masks(model, cfg.n, cfg.m, cfg.scope)  # a layer M does not divide fails before data loading and fine-tuning
+    data = _load_data(args, train_subset=args.train_subset)
+    out = Path(args.out or f"runs/prune-{args.model.replace(':', '_')}-{args.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    files = _prune_sensitivity(model, data, cfg, args, out) if args.sensitivity else {}
+    before, onnx_before = _prune_metrics(model, data)
+    start = time.perf_counter()
+    pruned = apply_method(model, cfg, Context(data, progress=not args.no_progress))
+    prune_time = time.perf_counter() - start
+    after, _ = _prune_metrics(pruned, data)
+    files.update(_prune_write(pruned, cfg, data, out, args))
+    session_after, diff = _prune_verify_onnx(pruned, data, files["onnx"], args.threads)
+    sessions = {"before": _ort(onnx_before, args.threads), "after": session_after}
+    for side, (median, p90) in _ort_b64_interleaved(sessions, data.input_shape, args.repeats).items():
+        (before if side == "before" else after).update(ort_b64_ms=median, ort_b64_p90_ms=p90)
+    report = {
+        "model": args.model,
+        "method": args.method,
+        "config": cfg.to_dict(),
+        "dataset": data.name,
+        "test_images": len(data.test),
+        "before": before,
+        "after": after,
+        "latency": {
+            "backend": "onnxruntime",
+            "batch_size": PRUNE_LATENCY_BATCH,
+            "repeats": args.repeats,
+            "rounds": 3,
+            "threads": args.threads,
+        },
+        "onnx_max_abs_diff": diff,
+        "prune_time_s": prune_time,
+        "files": files,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_prune_table(report)
+    print(f"ONNX Runtime vs torch on the pruned model: max|diff| {diff:.2e}")
+    print(f"wrote {', '.join(str(p) for p in files.values())} and {out / 'report.json'}")
+    return 0
+
+
+def _prune_config(args: argparse.Namespace):
+    """The method config for the flags; flags that the method ignores are errors, not silently dropped."""
+    import re
+
+    from deepshrink.compress.prune import ChannelPrune, MagnitudePrune, NMPrune
+    from deepshrink.core.config import Scope
+    from deepshrink.train import TrainConfig
+
+    unused = {
+        "magnitude": {"--importance": args.importance, "--round-to": args.round_to, "--nm": args.nm},
+        "channel": {"--nm": args.nm},
+        "nm": {
+            "--sparsity": args.sparsity,
+            "--granularity": args.granularity,
+            "--importance": args.importance,
+            "--round-to": args.round_to,
+        },
+    }[args.method]
+    given = [flag for flag, value in unused.items() if value is not None]
+    if given:
+        raise DeepShrinkError(f"--method {args.method} does not use {', '.join(given)}")
+    if args.method != "nm" and args.sparsity is None:
+        raise DeepShrinkError(f"--method {args.method} needs --sparsity")
+    if args.finetune_epochs < 0:
+        raise DeepShrinkError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, threads=args.threads) if args.finetune_epochs else None
+    scope = Scope(exclude=args.exclude)
+    granularity = args.granularity or "layer"
+    if args.method == "magnitude":
+        return MagnitudePrune(sparsity=args.sparsity, granularity=granularity, scope=scope, finetune=finetune)
+    if args.method == "channel":
+        return ChannelPrune(
+            ratio=args.sparsity,
+            importance=args.importance or "l1",
+            granularity=granularity,
+            round_to=args.round_to or 1,
+            scope=scope,
+            finetune=finetune,
+        )
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", args.nm or "2:4")
+    if not match:
+        raise DeepShrinkError(f"--nm must look like N:M (e.g. 2:4), got {args.nm!r}")
+    return NMPrune(n=int(match[1]), m=int(match[2]), scope=scope, finetune=finetune)
+
+
+def _prune_metrics(model, data) -> tuple[dict, bytes]:
+    """Accuracy, size and compute of one side of the comparison, plus its ONNX bytes for timing."""
+    from torch import nn
+
+    from deepshrink.evaluate import count_compute, evaluate_accuracy, measure_size
+    from deepshrink.export import onnx_bytes
+
+    onnx = onnx_bytes(model, data.input_shape)
+    acc, size, compute = evaluate_accuracy(model, data.test), measure_size(model, len(onnx)), count_compute(model, data.input_shape)
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    metrics = {
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "params": size.params,
+        "nonzero_params": size.nonzero_params,
+        "weights": total,
+        "weight_sparsity": 1.0 - sum(int(torch.count_nonzero(w)) for w in weights) / total if total else 0.0,
+        "macs": compute.macs,
+        "effective_macs": compute.effective_macs,
+        "disk_bytes": size.disk_bytes,
+        "onnx_bytes": len(onnx),
+    }
+    return metrics, onnx
+
+
+def _prune_write(model, cfg, data, out, args: argparse.Namespace) -> dict[str, str]:
+    from deepshrink.export import export_onnx
+    from deepshrink.models import architecture_of, save_weights
+
+    metadata = {"architecture": json.dumps(architecture_of(args.model)), "method": args.method, "config": json.dumps(cfg.to_dict())}
+    weights = save_weights(model, out / "model.safetensors", metadata)
+    onnx = export_onnx(model, out / "model.onnx", data.input_shape)
+    return {"weights": str(weights), "onnx": str(onnx)}
+
+
+def _ort(model, threads: int | None):
+    from deepshrink.export import ort_session
+
+    return ort_session(model, threads)
+
+
+def _ort_b64_interleaved(sessions: dict, input_shape: tuple[int, ...], repeats: int, rounds: int = 3) -> dict[str, tuple[float, float]]:
+    """(median, p90) ms per session at batch 64, timed in alternating rounds so drift and warm-up hit both alike."""
+    import statistics
+
+    from deepshrink.evaluate.latency import ort_latency
+
+    runs: dict[str, list] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            runs[name].append(ort_latency(session, input_shape, PRUNE_LATENCY_BATCH, repeats))
+    return {name: (statistics.median(r.median_ms for r in rs), statistics.median(r.p90_ms for r in rs)) for name, rs in runs.items()}
+
+
+def _prune_verify_onnx(model, data, path: str, threads: int | None):
+    """The written ONNX file's session and its max|diff| from torch on a test batch."""
+    from deepshrink.export import verify_onnx
+
+    session = _ort(path, threads)
+    return session, verify_onnx(model, session, data.test.images[:PRUNE_LATENCY_BATCH])
+
+
+def _prune_sensitivity(model, data, cfg, args: argparse.Namespace, out) -> dict[str, str]:
+    """Per-layer magnitude sensitivity of the unpruned model: JSON (with suggested ratios for magnitude) and PNG."""
+    from deepshrink.evaluate.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
+
+    if len(data.val) == 0:
+        raise DeepShrinkError("--sensitivity measures on the validation set: use --val-size > 0")
+    val = data.val.subset(args.sensitivity_subset)
+    result = layer_sensitivity(model, val, scope=cfg.scope)
+    payload = result.to_dict()
+    if args.method == "magnitude":
+        try:
+            payload["suggested_layer_sparsity"] = layer_sparsities_for_target(result, cfg.sparsity)
+        except DeepShrinkError as exc:  # e.g. a target above the measured levels: the analysis still stands
+            payload["suggested_layer_sparsity"] = None
+            payload["suggestion_error"] = str(exc)
+    (out / "sensitivity.json").write_text(json.dumps(payload, indent=2) + "\n")
+    png = plot_sensitivity(result, out / "sensitivity.png", title=f"{args.model}: per-layer sensitivity ({len(val):,} validation images)")
+    return {"sensitivity_json": str(out / "sensitivity.json"), "sensitivity_png": str(png)}
+
+
+def _print_prune_table(report: dict) -> None:
+    from deepshrink.report import Column, print_table
+
+    b, a = report["before"], report["after"]
+
+    def ratio(key: str) -> str:
+        return f"x{a[key] / b[key]:.3f}" if b[key] else "-"
+
+    rows = [
+        ("Top-1 %", f"{b['top1']:.2f}", f"{a['top1']:.2f}", f"{a['top1'] - b['top1']:+.2f}pp"),
+        ("params", f"{b['params']:,}", f"{a['params']:,}", ratio("params")),
+        ("non-zero params", f"{b['nonzero_params']:,}", f"{a['nonzero_params']:,}", ratio("nonzero_params")),
+        ("conv/linear weight sparsity %", f"{100 * b['weight_sparsity']:.2f}", f"{100 * a['weight_sparsity']:.2f}", ""),
+        ("MACs (dense)", f"{b['macs']:,}", f"{a['macs']:,}", ratio("macs")),
+        ("MACs (effective, zeros skipped)", f"{b['effective_macs']:,}", f"{a['effective_macs']:,}", ratio("effective_macs")),
+        ("safetensors bytes", f"{b['disk_bytes']:,}", f"{a['disk_bytes']:,}", ratio("disk_bytes")),
+        ("ONNX bytes", f"{b['onnx_bytes']:,}", f"{a['onnx_bytes']:,}", ratio("onnx_bytes")),
+        (f"ORT batch {PRUNE_LATENCY_BATCH} ms (median)", f"{b['ort_b64_ms']:.3f}", f"{a['ort_b64_ms']:.3f}", ratio("ort_b64_ms")),
+    ]
+    print_table(
+        rows,
+        [
+            Column("metric", lambda r: r[0]),
+            Column("before", lambda r: r[1]),
+            Column("after", lambda r: r[2]),
+            Column("change", lambda r: r[3]),
+        ],
+        title=f"prune {report['model']} ({report['method']}) on {report['dataset']} test ({report['test_images']:,} images)",
+    )
 
 
 def _size_kwargs(name: str, data) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from deepshrink.compress.prune import ChannelPrune, MagnitudePrune
+from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune
 from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
@@ -31,6 +31,8 @@ class Pack(Config):
 STEP_TYPES: dict[str, type[Config]] = {
     "prune": MagnitudePrune,
     "channel_prune": ChannelPrune,
+    "nm_prune": NMPrune,
+    "lottery": LotteryTicket,
     "share": KMeansShare,
     "hash_share": HashShare,
     "pack": Pack,
