@@ -31,6 +31,7 @@ from deepshrink.evaluate.environment import environment
 from deepshrink.evaluate.latency import ort_latency
 from deepshrink.export import onnx_bytes, ort_session
 from deepshrink.models import create_model
+from deepshrink.models.weights import load_weights, save_weights
 from deepshrink.report import Column, markdown_table, print_table
 from deepshrink.train import TrainConfig, Trainer
 
@@ -88,14 +89,20 @@ def unstructured_lenet300(data, threads: int, epochs: int) -> list[dict]:
     return rows
 
 
-def structured_resnet20(data, threads: int, epochs: int, ratio: float) -> list[dict]:
+def structured_resnet20(data, threads: int, epochs: int, ratio: float, reuse: Path | None) -> list[dict]:
+    """``reuse``: a fine-tuned pruned checkpoint from an earlier run of this script, re-measured instead of re-trained."""
     model = create_model("resnet20", pretrained=True)
     rows = [measure("unpruned", model, data, threads)]
     start = time.perf_counter()
     ours = apply_method(model, ChannelPrune(ratio=ratio, importance="l1"))
     prune_seconds = time.perf_counter() - start
     rows.append(measure(f"deepshrink channel L1 {ratio:.0%}, before fine-tune", ours, data, threads, prune_seconds))
-    seconds = finetune(ours, TrainConfig(epochs=epochs, lr=0.02, augment=True, schedule="cosine"), data)
+    if reuse is not None and reuse.exists():
+        ours, seconds = load_weights(ours, reuse), float("nan")
+    else:
+        seconds = finetune(ours, TrainConfig(epochs=epochs, lr=0.02, augment=True, schedule="cosine"), data)
+        if reuse is not None:
+            save_weights(ours, reuse)
     rows.append(measure(f"deepshrink channel L1 {ratio:.0%} + {epochs} epochs fine-tune", ours, data, threads, prune_seconds + seconds))
     peer = copy.deepcopy(model)
     start = time.perf_counter()
@@ -129,12 +136,15 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--lenet-epochs", type=int, default=8)
     parser.add_argument("--ratio", type=float, default=0.35)
+    parser.add_argument(
+        "--checkpoint", default="runs/benchmark-prune/resnet20_channel.safetensors", help="fine-tuned model, reused if present"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data()
     env = environment()
     lenet = unstructured_lenet300(data, args.threads, args.lenet_epochs)
-    resnet = structured_resnet20(data, args.threads, args.finetune_epochs, args.ratio)
+    resnet = structured_resnet20(data, args.threads, args.finetune_epochs, args.ratio, Path(args.checkpoint))
     base, tuned = resnet[0], resnet[2]
     summary = {
         "lenet300_sparsity": lenet[1]["sparsity"],

@@ -69,15 +69,19 @@ def mnist_dir(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "mnist")
 
 
-@pytest.fixture
-def learnable_set():
-    """256 random 1x28x28 images; the label is a fixed function of the image, so it can be learnt."""
+def make_learnable_set(n: int = 256, seed: int = 123):
+    """``n`` random 1x28x28 images; the label is a fixed function of the image, so it can be learnt."""
     from deepshrink.data import ImageSet
 
-    g = torch.Generator().manual_seed(123)
-    images = torch.randn(256, 1, 28, 28, generator=g)
-    labels = torch.randint(0, 4, (256,), generator=g)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 4, (n,), generator=g)
     # Stamp a class-specific bright patch: class k lights up row block k.
     for k in range(4):
         images[labels == k, :, 7 * k : 7 * k + 7, :] += 3.0
     return ImageSet(images, labels)
+
+
+@pytest.fixture
+def learnable_set():
+    return make_learnable_set()

@@ -35,6 +35,7 @@ from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.evaluate.sensitivity import SensitivityResult, layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 from deepshrink.pipeline.recipe import parse_recipe
 from deepshrink.train import TrainConfig, Trainer
+from tests.conftest import make_learnable_set
 
 pytestmark = pytest.mark.unit
 FAST = {"batch_size": 32, "weight_decay": 0.0, "schedule": "constant", "channels_last": False}
@@ -289,12 +290,7 @@ def test_lottery_config_and_data_errors():
 # -- sensitivity -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_cnn():
-    g = torch.Generator().manual_seed(7)
-    images = torch.randn(192, 1, 28, 28, generator=g)
-    labels = torch.randint(0, 4, (192,), generator=g)
-    for k in range(4):
-        images[labels == k, :, 7 * k : 7 * k + 7, :] += 3.0
-    data = ImageSet(images, labels)
+    data = make_learnable_set(192, seed=7)
     model = cnn()
     Trainer(model, TrainConfig(epochs=3, lr=0.05, **FAST), data, progress=False).fit()
     return model, data
