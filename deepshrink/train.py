@@ -89,6 +89,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.result = TrainResult()
+        self._started = time.perf_counter()  # reset by fit(); checkpoints add the time since
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -117,6 +118,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": [list(h.items()) for h in self.result.history],
+            "wall_time_s": self.result.wall_time_s + time.perf_counter() - self._started,
             "config": asdict(self.config),
         }
 
@@ -141,6 +143,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.result.history = [dict(h) for h in state["history"]]
+        self.result.wall_time_s = state.get("wall_time_s", 0.0)  # training time survives interruptions
 
     # -- the loop ------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -151,7 +154,7 @@ class Trainer:
         self._resume()
         if c.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        start = time.perf_counter()
+        self._started = start = time.perf_counter()
         batches = -(-len(self.train_data) // c.batch_size)
         with Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),

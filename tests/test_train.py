@@ -124,11 +124,12 @@ def test_resume_of_finished_run_is_a_no_op(tmp_path, learnable_set):
     ckpt = tmp_path / "done.pt"
     config = TrainConfig(epochs=1, batch_size=128, lr=0.05)
     model = model_for(seed=2)
-    Trainer(model, config, learnable_set, checkpoint=ckpt, progress=False).fit()
+    first = Trainer(model, config, learnable_set, checkpoint=ckpt, progress=False).fit()
     counter = StepCounter()
     again = model_for(seed=5)
     result = Trainer(again, config, learnable_set, hooks=[counter], checkpoint=ckpt, progress=False).fit()
     assert counter.steps == [] and len(result.history) == 1
+    assert result.wall_time_s >= 0.5 * first.wall_time_s > 0  # the training time is carried in the checkpoint
     assert_same_weights(weights(again), weights(model))
 
 
