@@ -59,5 +59,5 @@ def zoo_columns(manifest: dict[str, dict] | None = None) -> list[Column]:
         Column("ORT b1 ms", lambda r: r.latency_ms("onnxruntime", 1), "{:.3f}"),
         Column("torch b64 ms", lambda r: r.latency_ms("torch", 64), "{:.2f}"),
         Column("ORT b64 ms", lambda r: r.latency_ms("onnxruntime", 64), "{:.2f}"),
-        Column("ORT max|diff|", lambda r: r.onnx.max_abs_diff if r.onnx else None, "{:.1e}"),
+        Column("ORT max abs diff", lambda r: r.onnx.max_abs_diff if r.onnx else None, "{:.1e}"),
     ]
