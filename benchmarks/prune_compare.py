@@ -39,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 SHAPE = (1, 28, 28)
 
 
-def measure(label: str, model: torch.nn.Module, data, threads: int, seconds: float = 0.0, latency: bool = True) -> dict:
+def measure(label: str, model: torch.nn.Module, data, threads: int, seconds: float | None = 0.0, latency: bool = True) -> dict:
     model.eval()
     size = measure_size(model)
     compute = count_compute(model, SHAPE)
@@ -89,29 +89,41 @@ def unstructured_lenet300(data, threads: int, epochs: int) -> list[dict]:
     return rows
 
 
-def structured_resnet20(data, threads: int, epochs: int, ratio: float, reuse: Path | None) -> list[dict]:
+def structured_resnet20(data, threads: int, epochs: int, ratio: float, round_to: int, reuse: Path | None) -> list[dict]:
     """``reuse``: a fine-tuned pruned checkpoint from an earlier run of this script, re-measured instead of re-trained."""
     model = create_model("resnet20", pretrained=True)
     rows = [measure("unpruned", model, data, threads)]
     start = time.perf_counter()
-    ours = apply_method(model, ChannelPrune(ratio=ratio, importance="l1"))
+    ours = apply_method(model, ChannelPrune(ratio=ratio, importance="l1", round_to=round_to))
     prune_seconds = time.perf_counter() - start
-    rows.append(measure(f"deepshrink channel L1 {ratio:.0%}, before fine-tune", ours, data, threads, prune_seconds))
+    rows.append(measure(f"deepshrink channel L1 {ratio:.0%} round_to {round_to}, before fine-tune", ours, data, threads, prune_seconds))
     if reuse is not None and reuse.exists():
-        ours, seconds = load_weights(ours, reuse), float("nan")
+        ours, seconds = load_weights(ours, reuse), None  # fine-tuned in an earlier run: its time is not re-measured
     else:
         seconds = finetune(ours, TrainConfig(epochs=epochs, lr=0.02, augment=True, schedule="cosine"), data)
         if reuse is not None:
             save_weights(ours, reuse)
-    rows.append(measure(f"deepshrink channel L1 {ratio:.0%} + {epochs} epochs fine-tune", ours, data, threads, prune_seconds + seconds))
+    total = None if seconds is None else prune_seconds + seconds
+    rows.append(measure(f"deepshrink channel L1 {ratio:.0%} round_to {round_to} + {epochs} epochs fine-tune", ours, data, threads, total))
     peer = copy.deepcopy(model)
     start = time.perf_counter()
     pruner = tp.pruner.MagnitudePruner(
-        peer, torch.zeros(1, *SHAPE), importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio, ignored_layers=[peer.fc]
+        peer,
+        torch.zeros(1, *SHAPE),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=ratio,
+        ignored_layers=[peer.fc],
+        round_to=round_to,
     )
     pruner.step()
     rows.append(
-        measure(f"Torch-Pruning MagnitudePruner L1 {ratio:.0%}, before fine-tune", peer, data, threads, time.perf_counter() - start)
+        measure(
+            f"Torch-Pruning MagnitudePruner L1 {ratio:.0%} round_to {round_to}, before fine-tune",
+            peer,
+            data,
+            threads,
+            time.perf_counter() - start,
+        )
     )
     return rows
 
@@ -144,7 +156,7 @@ def main() -> None:
     data = load_data()
     env = environment()
     lenet = unstructured_lenet300(data, args.threads, args.lenet_epochs)
-    resnet = structured_resnet20(data, args.threads, args.finetune_epochs, args.ratio, Path(args.checkpoint))
+    resnet = structured_resnet20(data, args.threads, args.finetune_epochs, args.ratio, args.round_to, Path(args.checkpoint))
     base, tuned = resnet[0], resnet[2]
     summary = {
         "lenet300_sparsity": lenet[1]["sparsity"],
