@@ -244,8 +244,8 @@ def unpack(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         from deepshrink.models import build_architecture
 
-        model = build_architecture(manifest.get("architecture"))
-    resize_to_state_dict(model, state)  # a channel-pruned model is smaller than its architecture entry
+        # A channel-pruned model is smaller than its architecture entry; a model the caller gives must fit as is.
+        model = resize_to_state_dict(build_architecture(manifest.get("architecture")), state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
