@@ -73,7 +73,8 @@ def round_trip(name: str, data, tmp: Path) -> dict:
         path = tmp / f"{name}-{label}.dsz"
         pack(m, path, {"zoo": name})
         restored = unpack(path)
-        equal = all(torch.equal(t, restored.state_dict()[k]) for k, t in m.state_dict().items())
+        restored_state = restored.state_dict()
+        equal = all(torch.equal(t, restored_state[k]) for k, t in m.state_dict().items())
         same_predictions = torch.equal(m(data.test.images).argmax(1), restored(data.test.images).argmax(1))
         row[label] = {"dsz_bytes": path.stat().st_size, "weights_equal": equal, "predictions_equal": same_predictions}
     return row

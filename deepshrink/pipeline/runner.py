@@ -7,6 +7,7 @@ from the archive), and ``report.json``/``report.md`` with the per-stage table
 resumes after the last finished step.
 """
 
+import copy
 import json
 import tempfile
 import time
@@ -133,7 +134,7 @@ def run_recipe(
         checkpoint = out_dir / f"step{i + 1}_{kind}.safetensors"
         start = time.perf_counter()
         if checkpoint.exists():  # finished in an earlier, interrupted run
-            model = load_weights(_fresh_copy(model), checkpoint, resize=True)
+            model = load_weights(copy.deepcopy(model), checkpoint, resize=True)
         else:
             model = apply_method(model, cfg, ctx)
             save_weights(model, checkpoint)
@@ -142,18 +143,13 @@ def run_recipe(
     return result
 
 
-def _fresh_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def _pack_stage(model: nn.Module, data: DataBundle, out_dir: Path, architecture: dict | None, cfg: Pack, result: RunResult) -> None:
     start = time.perf_counter()
     report = pack(model, out_dir / "model.dsz", architecture)
-    decoded = unpack(report.path, _fresh_copy(model))
+    decoded = unpack(report.path, copy.deepcopy(model))
+    restored = decoded.state_dict()
     for name, tensor in model.state_dict().items():
-        if not torch.equal(tensor, decoded.state_dict()[name]):
+        if not torch.equal(tensor, restored[name]):
             raise RuntimeError(f"pack/unpack round trip changed tensor {name!r}")  # a bug, never user error
     result.dsz_path = report.path
     seconds = time.perf_counter() - start
