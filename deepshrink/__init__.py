@@ -7,6 +7,7 @@ The public API, one verb per family::
     data = ds.load_data()                       # Fashion-MNIST by default
     pruned = ds.prune(model, ds.MagnitudePrune(sparsity=0.9), data=data)
     shared = ds.share(pruned, ds.KMeansShare(linear_bits=5))
+    int8 = ds.quantize(model, ds.PTQ(), data=data)  # then ds.export_quantized_onnx(int8, "int8.onnx", (1, 28, 28))
     ds.pack(shared, "model.dsz", {"zoo": "lenet300"})
     restored = ds.unpack("model.dsz")
     print(ds.evaluate(restored, data.test).accuracy)
@@ -15,6 +16,7 @@ The public API, one verb per family::
 from torch import nn
 
 from deepshrink.compress.prune import MagnitudePrune
+from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, load_quantized_model, save_quantized_model
 from deepshrink.compress.share import KMeansShare
 from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method
@@ -22,6 +24,7 @@ from deepshrink.data import CalibrationSet, load_data
 from deepshrink.encode.pack import pack, unpack
 from deepshrink.evaluate import evaluate
 from deepshrink.export import export_onnx
+from deepshrink.export.qdq import export_quantized_onnx
 from deepshrink.models import create_model, list_models, load_user_model
 from deepshrink.pipeline.recipe import load_recipe
 from deepshrink.pipeline.runner import run_recipe
@@ -40,23 +43,37 @@ def share(model: nn.Module, config: KMeansShare, data=None, progress: bool = Tru
     return apply_method(model, config, Context(data, progress))
 
 
+def quantize(model: nn.Module, config: PTQ | QAT | MixedPrecision, calib=None, data=None, progress: bool = True) -> nn.Module:
+    """A fake-quant copy of ``model``. PTQ calibrates on ``calib`` (any iterable of
+    input batches, tuples or dicts) or on ``data``'s training images; QAT and
+    mixed precision also train on ``data``."""
+    return apply_method(model, config, Context(data, progress, calib))
+
+
 __all__ = [
     "CalibrationSet",
     "DeepShrinkError",
     "InputError",
     "KMeansShare",
     "MagnitudePrune",
+    "MixedPrecision",
+    "PTQ",
+    "QAT",
     "TrainConfig",
     "create_model",
     "evaluate",
     "export_onnx",
+    "export_quantized_onnx",
     "list_models",
     "load_data",
     "load_recipe",
+    "load_quantized_model",
     "load_user_model",
     "pack",
     "prune",
+    "quantize",
     "run_recipe",
+    "save_quantized_model",
     "share",
     "train",
     "unpack",

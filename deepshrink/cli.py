@@ -1,7 +1,9 @@
 """The ``deepshrink`` command. Errors print as one line and exit with status 2."""
 
 import argparse
+import importlib
 import json
+import pkgutil
 import shlex
 import sys
 from collections.abc import Callable
@@ -104,7 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-subset", type=int, default=1000, help="validation images used by --sensitivity")
     p.add_argument("--repeats", type=int, default=20, help="ORT latency runs at batch 64")
     p.add_argument("--no-progress", action="store_true")
+    _add_family_commands(sub)
     return parser
+
+
+def _add_family_commands(sub) -> None:
+    """Each module in ``deepshrink/commands/`` adds its own subcommands through
+    ``add_commands(sub)`` and registers handlers with ``@command``."""
+    import deepshrink.commands as family
+
+    for info in sorted(pkgutil.iter_modules(family.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{family.__name__}.{info.name}").add_commands(sub)
 
 
 @command("models")
@@ -324,6 +336,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     from deepshrink.compress.prune import nm_masks
     from deepshrink.core.methods import Context, apply_method
+    from deepshrink.evaluate.latency import ort_latency_interleaved
     from deepshrink.models import resolve_model
 
     cfg = _prune_config(args)  # before any loading: a bad flag fails at once
@@ -344,7 +357,7 @@ def _prune(args: argparse.Namespace) -> int:
     files.update(_prune_write(pruned, cfg, data, out, args))
     session_after, diff = _prune_verify_onnx(pruned, data, files["onnx"], args.threads)
     sessions = {"before": _ort(onnx_before, args.threads), "after": session_after}
-    for side, (median, p90) in _ort_b64_interleaved(sessions, data.input_shape, args.repeats).items():
+    for side, (median, p90) in ort_latency_interleaved(sessions, data.input_shape, PRUNE_LATENCY_BATCH, args.repeats).items():
         (before if side == "before" else after).update(ort_b64_ms=median, ort_b64_p90_ms=p90)
     report = {
         "model": args.model,
@@ -457,19 +470,6 @@ def _ort(model, threads: int | None):
     from deepshrink.export import ort_session
 
     return ort_session(model, threads)
-
-
-def _ort_b64_interleaved(sessions: dict, input_shape: tuple[int, ...], repeats: int, rounds: int = 3) -> dict[str, tuple[float, float]]:
-    """(median, p90) ms per session at batch 64, timed in alternating rounds so drift and warm-up hit both alike."""
-    import statistics
-
-    from deepshrink.evaluate.latency import ort_latency
-
-    runs: dict[str, list] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            runs[name].append(ort_latency(session, input_shape, PRUNE_LATENCY_BATCH, repeats))
-    return {name: (statistics.median(r.median_ms for r in rs), statistics.median(r.p90_ms for r in rs)) for name, rs in runs.items()}
 
 
 def _prune_verify_onnx(model, data, path: str, threads: int | None):

@@ -20,6 +20,7 @@ class Context:
 
     data: Any = None  # a deepshrink.data.DataBundle, for fine-tuning and calibration
     progress: bool = True
+    calib: Any = None  # an iterable of input batches; overrides data.train for calibration
 
 
 def register(config_type: type) -> Callable:

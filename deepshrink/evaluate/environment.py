@@ -26,6 +26,13 @@ def _cpu_info() -> tuple[str, list[str]]:
     return model, flags
 
 
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has 8-bit dot-product instructions (VNNI). Without them ONNX
+    Runtime's uint8 x int8 kernels add pairs of products in 16 bits, which overflow
+    for 8-bit weights; 7-bit weights never do."""
+    return any(flag in _cpu_info()[1] for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def _version(package: str) -> str | None:
     try:
         return version(package)

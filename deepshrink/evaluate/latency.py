@@ -53,6 +53,18 @@ def ort_latency(session, input_shape: tuple[int, ...], batch_size: int, repeats:
     return LatencyResult("onnxruntime", batch_size, median, p90, repeats)
 
 
+def ort_latency_interleaved(
+    sessions: dict, input_shape: tuple[int, ...], batch_size: int, repeats: int = 30, rounds: int = 3
+) -> dict[str, tuple[float, float]]:
+    """(median, p90) ms per named session, timed in alternating rounds so that
+    drift and warm-up hit every session alike (a speedup is two timings of one run)."""
+    runs: dict[str, list[LatencyResult]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            runs[name].append(ort_latency(session, input_shape, batch_size, repeats))
+    return {name: (statistics.median(r.median_ms for r in rs), statistics.median(r.p90_ms for r in rs)) for name, rs in runs.items()}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE

@@ -35,8 +35,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     return path
 
 
-def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET) -> bytes:
-    """The checked ONNX model as bytes (input ``input``, output ``logits``, batch axis dynamic)."""
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET, constant_folding: bool = True) -> bytes:
+    """The checked ONNX model as bytes (input ``input``, output ``logits``, batch axis dynamic).
+
+    ``constant_folding=False`` keeps ops on constants, e.g. the weights' QuantizeLinear in a QDQ export."""
     was_training = model.training
     model.eval()
     example = torch.zeros(1, *input_shape)
@@ -52,6 +54,7 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSE
                 output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                 opset_version=opset,
+                do_constant_folding=constant_folding,
                 dynamo=False,
             )
     except Exception as exc:  # torch raises many types here; the user needs one line

@@ -1,0 +1,161 @@
+"""``deepshrink quantize``: PTQ, QAT (LSQ, binary, ternary) or mixed precision,
+then packed low-bit weights, QDQ ONNX for ONNX Runtime and a before/after report."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from deepshrink.cli import _add_data_args, _load_data, command
+from deepshrink.core.errors import DeepShrinkError
+
+SCHEMES = ("ptq", "qat", "binary", "ternary", "mixed")
+LATENCY_BATCHES = (64, 1)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize (PTQ, QAT, binary/ternary, mixed precision); writes packed weights, QDQ ONNX, report")
+    p.add_argument("model", help="zoo name or module:function")
+    p.add_argument("--scheme", choices=SCHEMES, default="ptq")
+    p.add_argument("--bits", type=int, default=None, help="weight bits, 2-8 (default: 8 for ptq, 4 for qat)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits (0: weights only)")
+    p.add_argument("--calib-samples", type=int, default=512, help="training images used for calibration")
+    p.add_argument("--observer", choices=["minmax", "moving_average", "percentile", "mse", "entropy"], default="mse")
+    p.add_argument("--size-fraction", type=float, default=1 / 6, help="mixed: model size budget as a fraction of fp32")
+    p.add_argument("--epochs", type=int, default=3, help="QAT epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="QAT peak learning rate")
+    p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/quantize-<model>-<scheme>)")
+    p.add_argument("--train-subset", type=int, default=None)
+    _add_data_args(p)
+    p.add_argument("--repeats", type=int, default=20, help="ORT latency runs per round")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def quant_config(args: argparse.Namespace):
+    """The method config for the flags (the same objects a recipe step builds)."""
+    from deepshrink.compress.quant import PTQ, QAT, MixedPrecision
+    from deepshrink.train import TrainConfig
+
+    act_bits = args.act_bits or None
+    if args.scheme == "ptq":
+        return PTQ(
+            weight_bits=args.bits or 8, activation_bits=act_bits, activation_observer=args.observer, calib_samples=args.calib_samples
+        )
+    if args.epochs < 1:
+        raise DeepShrinkError(f"--epochs must be >= 1 for --scheme {args.scheme}, got {args.epochs}")
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, schedule="cosine", weight_decay=0.0, threads=args.threads)
+    quantizer = {"qat": "lsq", "binary": "binary", "ternary": "ternary", "mixed": "lsq"}[args.scheme]
+    qat = QAT(
+        weight_bits=args.bits or 4, activation_bits=act_bits, weight_quantizer=quantizer, calib_samples=args.calib_samples, finetune=train
+    )
+    if args.scheme == "mixed":
+        return MixedPrecision(size_fraction=args.size_fraction, qat=qat)
+    return qat
+
+
+@command("quantize")
+def _quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from deepshrink.core.methods import Context, apply_method
+    from deepshrink.models import resolve_model
+
+    cfg = quant_config(args)  # before any loading: a bad flag fails at once
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model, args.weights).eval()
+    data = _load_data(args, train_subset=args.train_subset)
+    out = Path(args.out or f"runs/quantize-{args.model.replace(':', '_')}-{args.scheme}")
+    start = time.perf_counter()
+    qmodel = apply_method(model, cfg, Context(data, progress=not args.no_progress))
+    seconds = time.perf_counter() - start
+    report = _report(model, qmodel, cfg, data, out, args)
+    report["quantize_time_s"] = seconds
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    _print(report)
+    print(f"wrote {out / 'model.safetensors'}, {out / 'model.onnx'}, {out / 'report.json'} and {out / 'report.md'}")
+    return 0
+
+
+def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> dict:
+    from deepshrink.compress.quant import save_quantized_model
+    from deepshrink.evaluate import evaluate_accuracy
+    from deepshrink.evaluate.latency import ort_latency_interleaved
+    from deepshrink.export import onnx_bytes, ort_session
+    from deepshrink.export.qdq import export_quantized_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    packed = save_quantized_model(qmodel, out / "model.safetensors")
+    onnx_path = export_quantized_onnx(qmodel, out / "model.onnx", data.input_shape)
+    fp32_onnx = onnx_bytes(model, data.input_shape)
+    sessions = {"fp32": ort_session(fp32_onnx, args.threads), "quantized": ort_session(onnx_path, args.threads)}
+    sides = {
+        "fp32": {"top1": evaluate_accuracy(model, data.test).top1, "bytes": 4 * sum(p.numel() for p in model.parameters())},
+        "quantized": {"top1": evaluate_accuracy(qmodel, data.test).top1, "bytes": packed},
+    }
+    sides["fp32"]["onnx_bytes"], sides["quantized"]["onnx_bytes"] = len(fp32_onnx), onnx_path.stat().st_size
+    for name, session in sessions.items():
+        sides[name]["top1_ort"] = _ort_top1(session, data.test)
+    for batch in LATENCY_BATCHES:
+        for name, (median, _) in ort_latency_interleaved(sessions, data.input_shape, batch, args.repeats).items():
+            sides[name][f"ort_b{batch}_ms"] = median
+    return {
+        "model": args.model,
+        "scheme": args.scheme,
+        "config": cfg.to_dict(),
+        "dataset": data.name,
+        "test_images": len(data.test),
+        "threads": args.threads,
+        **sides,
+        "layers": getattr(qmodel, "quant_report", None),
+        "bit_plan": getattr(qmodel, "bit_plan", None),
+        "files": {"weights": str(out / "model.safetensors"), "onnx": str(onnx_path)},
+    }
+
+
+def _ort_top1(session, test) -> float:
+    import numpy as np
+
+    name = session.get_inputs()[0].name
+    correct = 0
+    for i in range(0, len(test), 500):
+        logits = session.run(None, {name: test.images[i : i + 500].numpy()})[0]
+        correct += int((np.argmax(logits, 1) == test.labels[i : i + 500].numpy()).sum())
+    return 100.0 * correct / len(test)
+
+
+ROWS = (
+    ("Top-1 % (torch)", "top1", "{:.2f}"),
+    ("Top-1 % (ONNX Runtime)", "top1_ort", "{:.2f}"),
+    ("weights on disk, bytes", "bytes", "{:,}"),
+    ("ONNX bytes", "onnx_bytes", "{:,}"),
+    ("ORT batch 64, ms", "ort_b64_ms", "{:.2f}"),
+    ("ORT batch 1, ms", "ort_b1_ms", "{:.3f}"),
+)
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# {report['model']}: {report['scheme']} quantization", "", "| | fp32 | quantized |", "|---|---|---|"]
+    lines += [f"| {label} | {fmt.format(report['fp32'][key])} | {fmt.format(report['quantized'][key])} |" for label, key, fmt in ROWS]
+    if report.get("layers"):
+        lines += ["", "| layer | weight bits | weight SQNR dB | output SQNR dB |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['layer']} | {r['weight_bits']} | {r['weight_sqnr_db']:.1f} | {r['output_sqnr_db']:.1f} |" for r in report["layers"]
+        ]
+    if report.get("bit_plan"):
+        lines += ["", "Bits per layer: " + ", ".join(f"{k} {v}" for k, v in report["bit_plan"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']}: {report['scheme']}")
+    for name in ("", "fp32", "quantized"):
+        table.add_column(name, justify="right" if name else "left")
+    for label, key, fmt in ROWS:
+        table.add_row(label, fmt.format(report["fp32"][key]), fmt.format(report["quantized"][key]))
+    Console(width=120).print(table)

@@ -1,0 +1,125 @@
+"""Mixed precision: per-layer weight bits from measured sensitivity under a size budget.
+
+Sensitivity of layer l at b bits is the validation-loss increase when only that
+layer's weights drop from 8 to b bits (all activations at 8 bits). Bits are then
+allocated by an exact multiple-choice knapsack: minimise the summed sensitivity
+subject to the weight bits fitting the budget.
+"""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepshrink.compress.quant.config import MixedPrecision, resolve_reduce_range
+from deepshrink.compress.quant.modules import quant_layers
+from deepshrink.compress.quant.prepare import calibrate, prepare, weight_spec
+from deepshrink.compress.quant.ptq import calibration_batches
+from deepshrink.compress.quant.qat import qat
+from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, register
+from deepshrink.data.datasets import ImageSet
+from deepshrink.evaluate.accuracy import evaluate_accuracy
+
+MAX_DP_CELLS = 1 << 22  # exact for weight budgets up to 4 Mbit (resnet20 at 1/6 of fp32: 1.4 Mbit)
+
+
+@torch.no_grad()
+def bit_sensitivity(
+    model: nn.Module, batches, val: ImageSet, candidate_bits: tuple[int, ...], scope, reduce_range: bool = False
+) -> dict[str, dict[int, float]]:
+    """Validation-loss increase per (layer, bits) with every other layer at 8 bits."""
+    qmodel = prepare(model, 8, 8, scope, reduce_range=reduce_range)
+    calibrate(qmodel, batches)
+    base = evaluate_accuracy(qmodel, val).loss
+    result: dict[str, dict[int, float]] = {}
+    for name, layer in quant_layers(qmodel):
+        quant = layer.weight_quant
+        saved = (quant.spec, quant.scale.detach().clone())
+        result[name] = {}
+        for bits in candidate_bits:
+            quant.spec = weight_spec(min(bits, 7) if reduce_range else bits)
+            quant.calibrate(layer.weight, "mse")
+            result[name][bits] = max(0.0, evaluate_accuracy(qmodel, val).loss - base)
+        quant.spec = saved[0]
+        quant.scale.copy_(saved[1])
+    return result
+
+
+def allocate_bits(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], budget_bits: float) -> dict[str, int]:
+    """The per-layer bits with the least summed sensitivity whose weights fit ``budget_bits``.
+
+    Exact multiple-choice knapsack by dynamic programming over the budget in bits
+    (vectorised per option). Budgets above ``MAX_DP_CELLS`` bits are counted in
+    coarser units with costs rounded up, so a plan always fits."""
+    unit = max(1.0, budget_bits / MAX_DP_CELLS)
+    capacity = int(budget_bits // unit)
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0  # best[c]: least summed sensitivity with exactly c units used
+    picks = []
+    for name, options in sensitivity.items():
+        new = np.full(capacity + 1, np.inf)
+        pick = np.zeros(capacity + 1, dtype=np.int8)
+        for bits, cost in sorted(options.items()):
+            units = math.ceil(sizes[name] * bits / unit)
+            if units > capacity:
+                continue
+            candidate = best[: capacity + 1 - units] + cost
+            better = candidate < new[units:]
+            new[units:][better] = candidate[better]
+            pick[units:][better] = bits
+        best = new
+        picks.append(pick)
+    end = int(np.argmin(best))
+    if math.isinf(best[end]):
+        smallest = sum(sizes[n] * min(o) for n, o in sensitivity.items())
+        raise InputError(f"size budget of {budget_bits / 8:.0f} bytes of weights is below the smallest plan ({smallest / 8:.0f} bytes)")
+    plan: dict[str, int] = {}
+    for name, pick in zip(reversed(list(sensitivity)), reversed(picks), strict=True):
+        plan[name] = int(pick[end])
+        end -= math.ceil(sizes[name] * plan[name] / unit)
+    return dict(reversed(list(plan.items())))
+
+
+def _size_accounting(model: nn.Module, scope) -> tuple[dict[str, int], int, int]:
+    """Weights per layer in scope, the fp32 model's bits, and the bits of everything
+    that stays fp32 (other parameters, biases, one scale per output channel)."""
+    layers = dict(scope.layers(model))
+    sizes = {name: layer.weight.numel() for name, layer in layers.items()}
+    total_bits = 32 * sum(p.numel() for p in model.parameters())
+    overhead_bits = total_bits - 32 * sum(sizes.values()) + 32 * sum(layer.weight.shape[0] for layer in layers.values())
+    return sizes, total_bits, overhead_bits
+
+
+def weight_budget_bits(model: nn.Module, cfg: MixedPrecision) -> tuple[float, dict[str, int]]:
+    """Bits left for quantized weights once the fp32 remainder is paid from ``size_fraction`` of the fp32 size."""
+    sizes, total_bits, overhead_bits = _size_accounting(model, cfg.qat.scope)
+    return cfg.size_fraction * total_bits - overhead_bits, sizes
+
+
+def plan_fraction(model: nn.Module, bits: dict[str, int], scope) -> float:
+    """A bit plan's size as a fraction of the fp32 model, by the accounting the budget uses."""
+    sizes, total_bits, overhead_bits = _size_accounting(model, scope)
+    return (sum(sizes[name] * b for name, b in bits.items()) + overhead_bits) / total_bits
+
+
+def plan_bits(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+    if ctx.data is None:
+        raise InputError("mixed precision needs data for its sensitivity analysis: pass data= (a DataBundle)")
+    batches = calibration_batches(ctx, cfg.qat.calib_samples, ctx.calib)
+    val = ctx.data.val.subset(cfg.sensitivity_samples)
+    reduce_range = resolve_reduce_range(cfg.qat.reduce_range)
+    sensitivity = bit_sensitivity(model, batches, val, cfg.candidate_bits, cfg.qat.scope, reduce_range)
+    budget, sizes = weight_budget_bits(model, cfg)
+    return allocate_bits(sensitivity, sizes, budget), sensitivity
+
+
+@register(MixedPrecision)
+def _apply_mixed(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.Module:
+    plan, sensitivity = plan_bits(model, cfg, ctx)
+    qmodel = qat(model, replace(cfg.qat, layer_bits=plan, keep_first_last=False), ctx)
+    qmodel.bit_plan = plan
+    qmodel.bit_sensitivity = sensitivity
+    return qmodel

@@ -1,0 +1,123 @@
+"""Post-training quantization: prepare -> calibrate -> bias correction -> error report."""
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from deepshrink.compress.quant.config import PTQ, resolve_reduce_range
+from deepshrink.compress.quant.modules import quant_layers, set_quantization
+from deepshrink.compress.quant.prepare import calibrate, prepare
+from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, register
+from deepshrink.data import CalibrationSet
+from deepshrink.data.datasets import iterate_batches
+
+CALIB_BATCH = 128
+
+
+def calibration_batches(ctx: Context, samples: int, calib: Iterable | None = None) -> list[torch.Tensor]:
+    """Calibration inputs: the caller's iterable, else the first ``samples`` training images."""
+    if calib is None:
+        if ctx.data is None:
+            raise InputError("quantization needs calibration data: pass calib= or data= (a DataBundle)")
+        calib = (x for x, _ in iterate_batches(ctx.data.train.subset(samples), CALIB_BATCH))
+    return list(CalibrationSet(calib, max_samples=samples))
+
+
+def ptq(model: nn.Module, cfg: PTQ, batches: list[torch.Tensor]) -> nn.Module:
+    reduce_range = resolve_reduce_range(cfg.reduce_range)
+    qmodel = prepare(model, cfg.weight_bits, cfg.activation_bits, cfg.scope, "fixed", cfg.activation_observer, cfg.fold_bn, reduce_range)
+    calibrate(qmodel, batches, cfg.weight_observer)
+    if cfg.bias_correction:
+        correct_bias(qmodel, batches)
+    qmodel.quant_report = layer_report(qmodel, batches[0])
+    return qmodel
+
+
+@register(PTQ)
+def _apply_ptq(model: nn.Module, cfg: PTQ, ctx: Context) -> nn.Module:
+    return ptq(model, cfg, calibration_batches(ctx, cfg.calib_samples, ctx.calib))
+
+
+# -- bias correction -----------------------------------------------------------
+
+
+@torch.no_grad()
+def _mean_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-output-channel mean of each layer's output over the batches."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            channels = output.transpose(0, 1).flatten(1)  # (C, N*H*W)
+            sums[name] = sums.get(name, 0) + channels.sum(1)
+            counts[name] = counts.get(name, 0) + channels.shape[1]
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+@torch.no_grad()
+def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Empirical bias correction (Nagel et al. 2019): layer by layer, in order,
+    shift each bias so the quantized model's mean output per channel equals the
+    float model's, absorbing the systematic part of the quantization error."""
+    layers = quant_layers(model)
+    set_quantization(model, False)
+    reference = _mean_outputs(model, layers, batches)
+    set_quantization(model, True)
+    for name, layer in layers:
+        shift = reference[name] - _mean_outputs(model, [(name, layer)], batches)[name]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(shift))
+        layer.bias += shift
+
+
+# -- error report --------------------------------------------------------------
+
+
+def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    noise = (reference - approx).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+@torch.no_grad()
+def layer_report(model: nn.Module, batch: torch.Tensor) -> list[dict]:
+    """Per layer: weight bits, weight SQNR and output SQNR (dB) of the quantized model vs float."""
+    layers = quant_layers(model)
+    outputs: dict[str, dict[str, torch.Tensor]] = {"float": {}, "quant": {}}
+
+    def run(kind: str) -> None:
+        handles = [layer.register_forward_hook(lambda m, i, o, n=name: outputs[kind].__setitem__(n, o)) for name, layer in layers]
+        try:
+            model(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    set_quantization(model, False)
+    run("float")
+    set_quantization(model, True)
+    run("quant")
+    return [
+        {
+            "layer": name,
+            "weight_bits": layer.weight_quant.spec.bits,
+            "quantizer": layer.weight_quant.quantizer,
+            "weight_sqnr_db": _sqnr_db(layer.weight, layer.weight_quant(layer.weight)),
+            "output_sqnr_db": _sqnr_db(outputs["float"][name], outputs["quant"][name]),
+        }
+        for name, layer in layers
+    ]
