@@ -1,0 +1,165 @@
+"""``deepshrink transformer``: prune heads/neurons, SVD and dynamic int8 for a BERT-like encoder
+from a local directory or a config; writes fp32 and compressed ONNX and a before/after report."""
+
+import argparse
+import json
+from pathlib import Path
+
+from deepshrink.cli import command
+from deepshrink.core.errors import InputError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("transformer", help="compress a BERT-like encoder (local directory or config.json): prune, SVD, dynamic int8")
+    p.add_argument("source", help="model directory (weights read locally) or config.json (random weights from --seed)")
+    p.add_argument("--quantize", choices=["none", "dynamic-int8"], default="none")
+    p.add_argument("--weight-type", choices=["uint8", "int8"], default="uint8", help="ONNX weight storage (uint8: exact on every CPU)")
+    p.add_argument("--no-fallback", action="store_true", help="quantize every layer (no sensitivity-based fp32 fallback)")
+    p.add_argument("--mean-cosine", type=float, default=0.995, help="fallback target: mean pooled-embedding cosine")
+    p.add_argument("--min-cosine", type=float, default=0.98, help="fallback target: worst pooled-embedding cosine")
+    p.add_argument("--prune-heads", type=float, default=0.0, help="fraction of attention heads removed per layer")
+    p.add_argument("--prune-neurons", type=float, default=0.0, help="fraction of FFN neurons removed per layer")
+    p.add_argument("--importance", choices=["activation", "magnitude"], default="activation")
+    p.add_argument("--distill-steps", type=int, default=0, help="distillation steps from the original after pruning")
+    p.add_argument("--svd-rank", type=float, default=None, help="SVD of the FFN projections keeping this fraction of the rank")
+    p.add_argument("--texts", default=None, help="UTF-8 file, one text per line (needs a tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (default: the model directory's)")
+    p.add_argument("--samples", type=int, default=64, help="random token sequences when no texts are given")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per sequence at most")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=20, help="ORT latency runs")
+    p.add_argument("--out", default=None, help="output folder (default: runs/transformer-<name>)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def stage_configs(args: argparse.Namespace) -> dict:
+    """The method configs for the flags, built before any loading so a bad flag fails at once."""
+    from deepshrink.compress.quant.dynamic import DynamicQuant
+    from deepshrink.transformers import Distill, TransformerPrune, TransformerSVD
+
+    configs = {}
+    if args.prune_heads or args.prune_neurons:
+        distill = Distill(steps=args.distill_steps, seed=args.seed) if args.distill_steps else None
+        configs["prune"] = TransformerPrune(heads=args.prune_heads, neurons=args.prune_neurons, importance=args.importance, distill=distill)
+    elif args.distill_steps:
+        raise InputError("--distill-steps repairs a pruned model: give --prune-heads or --prune-neurons too")
+    if args.svd_rank is not None:
+        configs["svd"] = TransformerSVD(rank_fraction=args.svd_rank)
+    if args.quantize == "dynamic-int8":
+        configs["quantize"] = DynamicQuant()
+    if not configs:
+        raise InputError("nothing to do: give --quantize, --prune-heads/--prune-neurons or --svd-rank")
+    if args.batch_size < 1 or args.samples < 1 or args.max_length < 2:
+        raise InputError("--batch-size and --samples must be >= 1, --max-length >= 2")
+    return configs
+
+
+def token_batches(args: argparse.Namespace, vocab_size: int) -> tuple[list, str]:
+    from deepshrink.transformers import load_tokenizer, random_token_batches, read_texts, tokenize
+
+    if args.texts is None:
+        batches = random_token_batches(vocab_size, args.samples, max(2, args.max_length // 4), args.max_length, args.batch_size, args.seed)
+        return batches, f"{args.samples} random token sequences (seed {args.seed})"
+    texts = read_texts(args.texts)
+    source = args.tokenizer or (args.source if Path(args.source).is_dir() else None)
+    if source is None:
+        raise InputError("--texts needs a tokenizer: give --tokenizer (tokenizer.json or a directory)")
+    return tokenize(texts, load_tokenizer(source), args.batch_size, args.max_length), f"{len(texts)} texts from {args.texts}"
+
+
+@command("transformer")
+def _transformer(args: argparse.Namespace) -> int:
+    import torch
+
+    from deepshrink.core.methods import Context, apply_method
+    from deepshrink.transformers import check_batches, load_encoder
+    from deepshrink.transformers.fallback import quantize_with_fallback
+
+    configs = stage_configs(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_encoder(args.source, seed=args.seed)
+    batches, data = token_batches(args, int(model.config.vocab_size))
+    batches = check_batches(batches, int(model.config.vocab_size))
+    out = Path(args.out or f"runs/transformer-{Path(args.source).stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    compressed, stages = model, {}
+    for name in ("prune", "svd"):
+        if name in configs:
+            compressed = apply_method(compressed, configs[name], Context(batches, progress=False))
+            stages[name] = configs[name].to_dict()
+    if "quantize" in configs:
+        if args.no_fallback:
+            compressed = apply_method(compressed, configs["quantize"])
+            stages["quantize"] = configs["quantize"].to_dict()
+        else:
+            compressed, found = quantize_with_fallback(compressed, batches, configs["quantize"], args.mean_cosine, args.min_cosine)
+            stages["quantize"] = found.to_dict()
+    report = measure(model, compressed, batches, out, args)
+    report.update(source=str(args.source), data=data, stages=stages)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report, args.json)
+    return 0
+
+
+def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
+    """Params, ONNX bytes, fidelity (torch and ORT) and ORT latency, before and after."""
+    from deepshrink.compress.quant.dynamic import parameter_count, quantized_layers
+    from deepshrink.evaluate.latency import time_callable
+    from deepshrink.export import ort_session
+    from deepshrink.export.onnx_dynamic import save_onnx
+    from deepshrink.transformers import cosine_fidelity, encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
+    from deepshrink.transformers.export import ort_feed
+
+    reference = pooled_embeddings(original, batches)
+    sides = {"original": (original, encoder_onnx_bytes(original))}
+    quantized = bool(quantized_layers(compressed))
+    sides["compressed"] = (
+        compressed,
+        encoder_dynamic_onnx(compressed, weight_type=args.weight_type) if quantized else encoder_onnx_bytes(compressed),
+    )
+    report = {}
+    for side, (model, proto) in sides.items():
+        path = save_onnx(proto, out / f"{side}.onnx")
+        session = ort_session(proto, args.threads)
+        feed = ort_feed(session, batches[0])
+        median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), args.repeats)
+        report[side] = {
+            "params": parameter_count(model),
+            "onnx_bytes": len(proto),
+            "onnx": str(path),
+            "torch_fidelity": cosine_fidelity(reference, pooled_embeddings(model, batches)).to_dict(),
+            "ort_fidelity": cosine_fidelity(reference, ort_pooled(session, batches)).to_dict(),
+            "ort_ms": median,
+        }
+    report["latency"] = {"batch": list(batches[0]["input_ids"].shape), "repeats": args.repeats, "threads": args.threads}
+    return report
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from deepshrink.report import Column, print_table
+
+    rows = [(side, report[side]) for side in ("original", "compressed")]
+    print_table(
+        rows,
+        [
+            Column("model", lambda r: r[0]),
+            Column("params", lambda r: r[1]["params"], "{:,}"),
+            Column("ONNX bytes", lambda r: r[1]["onnx_bytes"], "{:,}"),
+            Column("cosine mean (torch)", lambda r: r[1]["torch_fidelity"]["mean"], "{:.5f}"),
+            Column("cosine min (torch)", lambda r: r[1]["torch_fidelity"]["min"], "{:.5f}"),
+            Column("cosine mean (ORT)", lambda r: r[1]["ort_fidelity"]["mean"], "{:.5f}"),
+            Column("cosine min (ORT)", lambda r: r[1]["ort_fidelity"]["min"], "{:.5f}"),
+            Column("ORT ms", lambda r: r[1]["ort_ms"], "{:.2f}"),
+        ],
+        title=f"{report['source']}: {', '.join(report['stages'])} on {report['data']}",
+    )
+    fallback = report["stages"].get("quantize", {}).get("fallback")
+    if fallback is not None:
+        print(f"fp32 fallback layers: {', '.join(fallback) or 'none'}")
+    print(f"wrote {report['original']['onnx']}, {report['compressed']['onnx']}")

@@ -1,0 +1,82 @@
+"""Short distillation from the original encoder: hidden-state MSE (over real tokens)
+plus, for models with a task head, KL on temperature-softened logits.
+
+The shared training loop (``deepshrink.train``) is built around image batches
+with labels; token batches with masks and a teacher need a loop this small, so
+it lives here. The student stays in eval mode (no dropout): a few hundred steps
+of repair after pruning, deterministic for a seed.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepshrink.core.config import Config
+from deepshrink.core.errors import InputError
+from deepshrink.transformers.load import Batch, check_batches
+
+
+@dataclass(frozen=True)
+class Distill(Config):
+    steps: int = 100
+    lr: float = 1e-4
+    hidden_weight: float = 1.0
+    logit_weight: float = 1.0
+    temperature: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise InputError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0 or not self.temperature > 0:
+            raise InputError(f"lr and temperature must be positive, got {self.lr} and {self.temperature}")
+        if self.hidden_weight < 0 or self.logit_weight < 0 or self.hidden_weight + self.logit_weight == 0:
+            raise InputError("hidden_weight and logit_weight must be >= 0 and not both 0")
+
+
+def _outputs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if hasattr(model, "base_model") and model.base_model is not model:
+        out = model(**batch, output_hidden_states=True)
+        return out.hidden_states[-1], out.logits
+    return model(**batch).last_hidden_state, None
+
+
+def distill_loss(student_out, teacher_out, mask: torch.Tensor, cfg: Distill) -> torch.Tensor:
+    """Masked hidden-state MSE (normalised by the teacher's mean square) + T^2-scaled KL on logits."""
+    (hs, ls), (ht, lt) = student_out, teacher_out
+    m = mask.unsqueeze(-1).to(hs.dtype)
+    scale = (ht.pow(2) * m).sum().clamp(min=1e-12)
+    loss = cfg.hidden_weight * ((hs - ht).pow(2) * m).sum() / scale
+    if ls is not None and lt is not None and cfg.logit_weight > 0:
+        t = cfg.temperature
+        kl = F.kl_div(F.log_softmax(ls / t, dim=-1), F.log_softmax(lt / t, dim=-1), log_target=True, reduction="batchmean")
+        loss = loss + cfg.logit_weight * t * t * kl
+    return loss
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], cfg: Distill) -> list[float]:
+    """Train ``student`` (in place) towards ``teacher`` on ``batches``; returns the loss per step."""
+    batches = check_batches(batches)
+    teacher.eval()
+    student.eval()
+    with torch.inference_mode():
+        targets = [_outputs(teacher, b) for b in batches]
+    targets = [(h.clone(), None if lg is None else lg.clone()) for h, lg in targets]  # leave inference mode
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    losses = []
+    for _ in range(cfg.steps):
+        if not order:
+            order = torch.randperm(len(batches), generator=g).tolist()
+        i = order.pop()
+        loss = distill_loss(_outputs(student, batches[i]), targets[i], batches[i]["attention_mask"], cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

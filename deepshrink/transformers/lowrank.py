@@ -1,0 +1,108 @@
+"""Truncated SVD of an encoder's FFN and attention projections.
+
+``W [out, in] ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T)``: a Linear becomes two, of
+ranks ``r``, which saves weights only when ``r (in + out) < in * out``; a layer
+where it would not is left alone and reported. Do this after head/neuron
+pruning, which expects plain Linear projections.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deepshrink.compress.quant.dynamic import set_module
+from deepshrink.core.config import Config, check_range
+from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, register
+from deepshrink.transformers.prune import attention_blocks, ffn_blocks
+
+Target = Literal["ffn", "attention"]
+
+
+@dataclass(frozen=True)
+class TransformerSVD(Config):
+    """Keep ``rank_fraction`` of each target layer's full rank ``min(in, out)``, or, with
+    ``energy`` set, the smallest rank holding that fraction of the squared singular values."""
+
+    rank_fraction: float = 0.5
+    energy: float | None = None
+    targets: tuple[Target, ...] = ("ffn",)
+
+    def __post_init__(self) -> None:
+        check_range("rank_fraction", self.rank_fraction, 0.0, 1.0, high_inclusive=True)
+        if self.rank_fraction == 0:
+            raise InputError("rank_fraction must be > 0")
+        if self.energy is not None:
+            check_range("energy", self.energy, 0.0, 1.0, high_inclusive=True)
+        bad = [t for t in self.targets if t not in ("ffn", "attention")]
+        if bad or not self.targets:
+            raise InputError(f"targets: need some of ['ffn', 'attention'], got {list(self.targets)}")
+
+
+class LowRankLinear(nn.Sequential):
+    """``second(first(x))``: a rank-r factorisation of a Linear (bias on the second)."""
+
+    def __init__(self, first: nn.Linear, second: nn.Linear) -> None:
+        super().__init__(first, second)
+        self.in_features, self.out_features, self.rank = first.in_features, second.out_features, first.out_features
+
+
+def svd_linear(layer: nn.Linear, rank: int) -> LowRankLinear:
+    """The best rank-``rank`` approximation of ``layer`` (Eckart-Young), split evenly between the factors."""
+    if not 1 <= rank <= min(layer.in_features, layer.out_features):
+        raise InputError(f"rank must be in [1, {min(layer.in_features, layer.out_features)}], got {rank}")
+    u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    first = nn.Linear(layer.in_features, rank, bias=False)
+    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
+    first.weight.data.copy_((root[:, None] * vh[:rank]).float())
+    second.weight.data.copy_((u[:, :rank] * root).float())
+    if layer.bias is not None:
+        second.bias.data.copy_(layer.bias.detach())
+    return LowRankLinear(first, second)
+
+
+def choose_rank(weight: torch.Tensor, cfg: TransformerSVD) -> int:
+    full = min(weight.shape)
+    if cfg.energy is None:
+        return max(1, int(round(cfg.rank_fraction * full)))
+    s2 = torch.linalg.svdvals(weight.detach().double()).pow(2)
+    cumulative = torch.cumsum(s2, 0) / s2.sum().clamp(min=1e-300)
+    return min(full, int((cumulative < cfg.energy).sum()) + 1)
+
+
+def target_layers(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the FFN and/or attention projections of a BERT-like model."""
+    names = {id(m): n for n, m in model.named_modules()}
+    layers: list[nn.Module] = []
+    if "attention" in targets:
+        for b in attention_blocks(model):
+            layers += [b.attn.query, b.attn.key, b.attn.value, b.out]
+    if "ffn" in targets:
+        for b in ffn_blocks(model):
+            layers += [b.up, b.down]
+    return [names[id(m)] for m in layers if isinstance(m, nn.Linear)]
+
+
+def decompose_transformer(model: nn.Module, cfg: TransformerSVD) -> tuple[nn.Module, dict[str, int | None]]:
+    """Factorise the target layers in place; returns ``{layer: rank, or None where it would not save weights}``."""
+    names = target_layers(model, cfg.targets)
+    if not names:
+        raise InputError(f"no BERT-style {' or '.join(cfg.targets)} projections found in {type(model).__name__}")
+    ranks: dict[str, int | None] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        rank = choose_rank(layer.weight, cfg)
+        saves = rank * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features
+        ranks[name] = rank if saves else None
+        if saves:
+            set_module(model, name, svd_linear(layer, rank))
+    return model, ranks
+
+
+@register(TransformerSVD)
+def _apply_svd(model: nn.Module, cfg: TransformerSVD, ctx: Context) -> nn.Module:
+    return decompose_transformer(model.eval(), cfg)[0]

@@ -1,0 +1,258 @@
+"""Structured pruning of BERT-like encoders: attention heads and FFN neurons, removed physically.
+
+A head is a slice of the query/key/value rows and of the attention output's
+columns; an FFN neuron is a row of the intermediate dense layer and a column
+of the output dense layer. Removing them leaves ordinary, smaller
+``nn.Linear`` layers (the attention reshapes by ``attention_head_size``, so
+fewer heads just work), which is why the ONNX file and the latency shrink too.
+
+Importance: ``activation`` measures each head's / neuron's contribution to the
+block output on token batches (mean norm over real tokens), ``magnitude`` uses
+weight norms only (no data needed).
+"""
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deepshrink.core.config import Config, check_range
+from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, register
+from deepshrink.transformers.distill import Distill, distill
+from deepshrink.transformers.load import Batch, check_batches
+
+
+@dataclass(frozen=True)
+class TransformerPrune(Config):
+    """Remove ``heads`` of each layer's attention heads and ``neurons`` of its FFN neurons.
+
+    At least one head and ``round_to`` neurons stay per layer; kept neuron counts
+    are rounded up to a multiple of ``round_to``. ``distill`` repairs the pruned
+    model against the original on the context's token batches.
+    """
+
+    heads: float = 0.0
+    neurons: float = 0.0
+    importance: Literal["activation", "magnitude"] = "activation"
+    round_to: int = 1
+    distill: Distill | None = None
+
+    def __post_init__(self) -> None:
+        check_range("heads", self.heads, 0.0, 1.0)
+        check_range("neurons", self.neurons, 0.0, 1.0)
+        if self.importance not in ("activation", "magnitude"):
+            raise InputError(f"importance: {self.importance!r} is not one of ['activation', 'magnitude']")
+        if self.round_to < 1:
+            raise InputError(f"round_to must be >= 1, got {self.round_to}")
+
+
+@dataclass
+class AttentionBlock:
+    name: str
+    attn: nn.Module  # has query, key, value, attention_head_size, num_attention_heads
+    out: nn.Linear  # the attention output projection
+
+
+@dataclass
+class FFNBlock:
+    name: str
+    up: nn.Linear  # intermediate dense
+    down: nn.Linear  # output dense
+
+
+def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
+    """BERT-style attention blocks: ``<block>.self.{query,key,value}`` and ``<block>.output.dense``."""
+    blocks = []
+    for name, module in model.named_modules():
+        attn, out = getattr(module, "self", None), getattr(getattr(module, "output", None), "dense", None)
+        projections = all(isinstance(getattr(attn, k, None), nn.Linear) for k in ("query", "key", "value"))
+        if isinstance(out, nn.Linear) and projections and hasattr(attn, "attention_head_size"):
+            blocks.append(AttentionBlock(name, attn, out))
+    return blocks
+
+
+def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+    """BERT-style FFNs: ``<layer>.intermediate.dense`` followed by ``<layer>.output.dense``."""
+    blocks = []
+    for name, module in model.named_modules():
+        up = getattr(getattr(module, "intermediate", None), "dense", None)
+        down = getattr(getattr(module, "output", None), "dense", None)
+        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and down.in_features == up.out_features:
+            blocks.append(FFNBlock(name, up, down))
+    return blocks
+
+
+# -- importance ---------------------------------------------------------------------------
+def _head_size(block: AttentionBlock) -> int:
+    return int(block.attn.attention_head_size)
+
+
+def head_importance_magnitude(block: AttentionBlock) -> torch.Tensor:
+    d = _head_size(block)
+    value = block.attn.value.weight.detach().reshape(-1, d, block.attn.value.in_features)
+    out = block.out.weight.detach().reshape(block.out.out_features, -1, d)
+    return value.flatten(1).norm(dim=1) * out.transpose(0, 1).flatten(1).norm(dim=1)
+
+
+def neuron_importance_magnitude(block: FFNBlock) -> torch.Tensor:
+    return block.up.weight.detach().norm(dim=1) * block.down.weight.detach().norm(dim=0)
+
+
+def _activation_scores(model: nn.Module, batches: Sequence[Batch], layers: list[nn.Linear], scores: list) -> list[torch.Tensor]:
+    """Mean over real tokens of ``scores[i](layer, input)`` for each layer's input, in one pass over the batches."""
+    totals: list[torch.Tensor | None] = [None] * len(layers)
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(i: int):
+        def record(layer: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+            s = scores[i](layer, inputs[0][state["mask"]]).sum(dim=0)  # inputs[0][mask]: [real tokens, features]
+            totals[i] = s if totals[i] is None else totals[i] + s
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                state["mask"] = batch["attention_mask"].bool()
+                tokens += int(state["mask"].sum())
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [t / max(tokens, 1) for t in totals]
+
+
+def _head_contribution(d: int):
+    """Norm of each head's share of the output projection, per token."""
+
+    def score(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        heads = x.shape[1] // d
+        w = layer.weight.detach().reshape(layer.out_features, heads, d)
+        return torch.einsum("thd,ohd->tho", x.reshape(-1, heads, d), w).norm(dim=2)
+
+    return score
+
+
+def _neuron_contribution(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x.abs() * layer.weight.detach().norm(dim=0)
+
+
+def head_scores(model: nn.Module, blocks: list[AttentionBlock], importance: str, batches: Sequence[Batch] | None) -> list[torch.Tensor]:
+    if importance == "magnitude":
+        return [head_importance_magnitude(b) for b in blocks]
+    return _activation_scores(model, _need(batches), [b.out for b in blocks], [_head_contribution(_head_size(b)) for b in blocks])
+
+
+def neuron_scores(model: nn.Module, blocks: list[FFNBlock], importance: str, batches: Sequence[Batch] | None) -> list[torch.Tensor]:
+    if importance == "magnitude":
+        return [neuron_importance_magnitude(b) for b in blocks]
+    return _activation_scores(model, _need(batches), [b.down for b in blocks], [_neuron_contribution] * len(blocks))
+
+
+def _need(batches: Sequence[Batch] | None) -> list[Batch]:
+    if not batches:
+        raise InputError("activation importance needs token batches (texts or token ids); use importance='magnitude' without data")
+    return check_batches(batches)
+
+
+# -- surgery --------------------------------------------------------------------------
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Sorted indices of the ``keep`` highest scores (ties broken by index: deterministic)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+
+
+def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear with only the given output rows / input columns."""
+    w = layer.weight.detach()
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
+    new.weight.data.copy_(w)
+    if layer.bias is not None:
+        new.bias.data.copy_(layer.bias.detach()[rows] if rows is not None else layer.bias.detach())
+    return new
+
+
+def _replace(parent: nn.Module, old: nn.Linear, new: nn.Linear) -> None:
+    for key, child in parent.named_children():
+        if child is old:
+            setattr(parent, key, new)
+            return
+    raise InputError(f"internal: layer not found under {type(parent).__name__}")
+
+
+def prune_heads(block: AttentionBlock, keep: torch.Tensor, parent: nn.Module) -> None:
+    """Keep only heads ``keep`` of ``block`` (``parent`` holds ``block.out``)."""
+    d = _head_size(block)
+    rows = (keep[:, None] * d + torch.arange(d)).reshape(-1)
+    for key in ("query", "key", "value"):
+        setattr(block.attn, key, slice_linear(getattr(block.attn, key), rows=rows))
+    new_out = slice_linear(block.out, cols=rows)
+    _replace(parent, block.out, new_out)
+    block.out = new_out
+    block.attn.num_attention_heads = len(keep)
+    block.attn.all_head_size = len(keep) * d
+
+
+def prune_neurons(block: FFNBlock, keep: torch.Tensor, up_parent: nn.Module, down_parent: nn.Module) -> None:
+    new_up, new_down = slice_linear(block.up, rows=keep), slice_linear(block.down, cols=keep)
+    _replace(up_parent, block.up, new_up)
+    _replace(down_parent, block.down, new_down)
+    block.up, block.down = new_up, new_down
+
+
+def kept_count(total: int, ratio: float, round_to: int = 1, minimum: int = 1) -> int:
+    """How many to keep: ``total`` less ``round(ratio * total)``, rounded up to ``round_to``, at least ``minimum``."""
+    keep = total - int(round(ratio * total))
+    keep = min(total, math.ceil(keep / round_to) * round_to)
+    return max(min(total, minimum), keep)
+
+
+def prune_transformer(model: nn.Module, cfg: TransformerPrune, batches: Sequence[Batch] | None = None) -> nn.Module:
+    """Prune ``model`` in place: heads first, then FFN neurons scored on the head-pruned model.
+
+    Distillation (``cfg.distill``) is left to the registered method, which holds the teacher.
+    """
+    heads, ffns = attention_blocks(model), ffn_blocks(model)
+    if (cfg.heads > 0 and not heads) or (cfg.neurons > 0 and not ffns):
+        raise InputError(
+            f"no BERT-style {'attention blocks' if cfg.heads > 0 and not heads else 'FFN blocks'} found in {type(model).__name__}"
+        )
+    modules = dict(model.named_modules())
+    if cfg.heads > 0:
+        for block, scores in zip(heads, head_scores(model, heads, cfg.importance, batches), strict=True):
+            prune_heads(
+                block, keep_top(scores, kept_count(len(scores), cfg.heads)), modules[f"{block.name}.output" if block.name else "output"]
+            )
+    if cfg.neurons > 0:
+        for block, scores in zip(ffns, neuron_scores(model, ffns, cfg.importance, batches), strict=True):
+            keep = keep_top(scores, kept_count(len(scores), cfg.neurons, cfg.round_to, cfg.round_to))
+            prefix = f"{block.name}." if block.name else ""
+            prune_neurons(block, keep, modules[f"{prefix}intermediate"], modules[f"{prefix}output"])
+    return model
+
+
+@register(TransformerPrune)
+def _apply_prune(model: nn.Module, cfg: TransformerPrune, ctx: Context) -> nn.Module:
+    """``ctx.data``: token batches (needed for activation importance and distillation)."""
+    teacher = copy.deepcopy(model).eval() if cfg.distill else None
+    pruned = prune_transformer(model.eval(), cfg, ctx.data)
+    if cfg.distill is not None:
+        distill(pruned, teacher, _need(ctx.data), cfg.distill)
+    return pruned.eval()
+
+
+def head_counts(model: nn.Module) -> list[int]:
+    return [int(b.attn.num_attention_heads) for b in attention_blocks(model)]
+
+
+def ffn_sizes(model: nn.Module) -> list[int]:
+    return [b.up.out_features for b in ffn_blocks(model)]
