@@ -100,6 +100,7 @@ def torch_ao_static(model, calib: torch.Tensor):
 
 
 def ptq_rows(name: str, data, threads: int, repeats: int) -> list[dict]:
+    print(f"== {name}", flush=True)
     model = create_model(name, pretrained=True).eval()
     calib = data.train.images[:CALIB_SAMPLES]
     fp32 = onnx_bytes(model, SHAPE)
@@ -281,9 +282,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--qat-lr", type=float, default=0.01)
+    parser.add_argument("--qat-train-subset", type=int, default=20000, help="training images for QAT (from a pretrained start)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data()
+    data = load_data(train_subset=args.qat_train_subset if args.part == "qat" else None)
     common = {"environment": environment(), "threads": args.threads}
     if args.part == "ptq":
         rows = [row for name in args.models.split(",") for row in ptq_rows(name, data, args.threads, args.repeats)]
@@ -295,7 +297,7 @@ def main() -> None:
         )
         rows = run_qat(data, args.threads, args.qat_epochs, args.qat_lr, {r["method"]: r for r in previous})
         print_table(rows, QAT_COLUMNS, title="resnet20 QAT")
-        payload = save_json({**common, "qat": rows})
+        payload = save_json({**common, "qat": rows, "qat_setup": {"epochs": args.qat_epochs, "lr": args.qat_lr, "train_images": len(data.train)}})
     write_markdown(payload)
 
 

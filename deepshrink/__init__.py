@@ -17,6 +17,7 @@ from torch import nn
 
 from deepshrink.compress.prune import MagnitudePrune
 from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, load_quantized_model, save_quantized_model
+from deepshrink.compress.quant.dynamic import DynamicQuant
 from deepshrink.compress.share import KMeansShare
 from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method
@@ -43,16 +44,19 @@ def share(model: nn.Module, config: KMeansShare, data=None, progress: bool = Tru
     return apply_method(model, config, Context(data, progress))
 
 
-def quantize(model: nn.Module, config: PTQ | QAT | MixedPrecision, calib=None, data=None, progress: bool = True) -> nn.Module:
+def quantize(
+    model: nn.Module, config: PTQ | QAT | MixedPrecision | DynamicQuant, calib=None, data=None, progress: bool = True
+) -> nn.Module:
     """A fake-quant copy of ``model``. PTQ calibrates on ``calib`` (any iterable of
     input batches, tuples or dicts) or on ``data``'s training images; QAT and
-    mixed precision also train on ``data``."""
+    mixed precision also train on ``data``; DynamicQuant needs neither."""
     return apply_method(model, config, Context(data, progress, calib))
 
 
 __all__ = [
     "CalibrationSet",
     "DeepShrinkError",
+    "DynamicQuant",
     "InputError",
     "KMeansShare",
     "MagnitudePrune",

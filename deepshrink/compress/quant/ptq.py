@@ -1,5 +1,6 @@
 """Post-training quantization: prepare -> calibrate -> bias correction -> error report."""
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -15,6 +16,7 @@ from deepshrink.data import CalibrationSet
 from deepshrink.data.datasets import iterate_batches
 
 CALIB_BATCH = 128
+BIAS_CORRECTION_SAMPLES = 256
 
 
 def calibration_batches(ctx: Context, samples: int, calib: Iterable | None = None) -> list[torch.Tensor]:
@@ -44,24 +46,35 @@ def _apply_ptq(model: nn.Module, cfg: PTQ, ctx: Context) -> nn.Module:
 # -- bias correction -----------------------------------------------------------
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the last layer of interest has run: the rest of the forward is wasted work."""
+
+
 @torch.no_grad()
 def _mean_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-output-channel mean of each layer's output over the batches."""
+    """Per-output-channel mean of each layer's output over the batches; the
+    forward pass stops as soon as every layer has been seen."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    seen: set[str] = set()
 
     def hook(name):
         def record(_module, _inputs, output):
             channels = output.transpose(0, 1).flatten(1)  # (C, N*H*W)
             sums[name] = sums.get(name, 0) + channels.sum(1)
             counts[name] = counts.get(name, 0) + channels.shape[1]
+            seen.add(name)
+            if len(seen) == len(layers):
+                raise _StopForward
 
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
     try:
         for batch in batches:
-            model(batch)
+            seen.clear()
+            with contextlib.suppress(_StopForward):
+                model(batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -69,10 +82,13 @@ def _mean_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> None:
+def correct_bias(model: nn.Module, batches: list[torch.Tensor], samples: int = BIAS_CORRECTION_SAMPLES) -> None:
     """Empirical bias correction (Nagel et al. 2019): layer by layer, in order,
     shift each bias so the quantized model's mean output per channel equals the
-    float model's, absorbing the systematic part of the quantization error."""
+    float model's, absorbing the systematic part of the quantization error.
+    A per-channel mean over ``samples`` images x positions is estimated well,
+    and each layer costs a forward pass up to that layer."""
+    batches = list(CalibrationSet(batches, max_samples=samples))
     layers = quant_layers(model)
     set_quantization(model, False)
     reference = _mean_outputs(model, layers, batches)
