@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("compress", help="run a compression recipe; writes .dsz, ONNX and a per-stage report")
-    p.add_argument("model", help="zoo name or module:function")
+    p.add_argument("model", help="zoo name, module:function, or an .onnx file (compressed without PyTorch source)")
+    p.add_argument("--npz", default=None, help="ONNX input: calibration/evaluation inputs (one array per graph input, optional labels y)")
+    p.add_argument("--eval-npz", default=None, help="ONNX input: a separate .npz to evaluate on (default: --npz)")
     p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
@@ -193,6 +195,10 @@ def _compress(args: argparse.Namespace) -> int:
     print("\n".join(recipe.plan()))
     if args.dry_run:
         return 0
+    if args.model.endswith(".onnx"):
+        return _compress_onnx(args, recipe)
+    if args.npz or args.eval_npz:
+        raise DeepShrinkError("--npz and --eval-npz are for .onnx models; PyTorch models use --dataset/--data-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model, args.weights)
@@ -206,6 +212,21 @@ def _compress(args: argparse.Namespace) -> int:
     if result.onnx_max_abs_diff is not None:
         print(f"ONNX Runtime vs torch on the decoded model: max|diff| {result.onnx_max_abs_diff:.2e}")
     print(f"report: {result.out_dir / 'report.md'}")
+    return 0
+
+
+def _compress_onnx(args: argparse.Namespace, recipe) -> int:
+    from pathlib import Path
+
+    from deepshrink.onnx_in import compress_onnx
+
+    out = args.out or f"runs/{recipe.name}-{Path(args.model).stem}"
+    report = compress_onnx(
+        args.model, recipe, out, npz=args.npz, progress=not args.no_progress, eval_npz=args.eval_npz, threads=args.threads
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(f"report: {Path(out) / 'report.md'}")
     return 0
 
 

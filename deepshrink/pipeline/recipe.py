@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune
+from deepshrink.compress.quant.config import PTQ
 from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
@@ -35,6 +36,7 @@ STEP_TYPES: dict[str, type[Config]] = {
     "lottery": LotteryTicket,
     "share": KMeansShare,
     "hash_share": HashShare,
+    "quantize": PTQ,
     "pack": Pack,
 }
 

@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import nn
 
+from deepshrink.compress.quant.config import PTQ
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data.datasets import DataBundle
@@ -122,6 +123,7 @@ def run_recipe(
     model: nn.Module, recipe: Recipe, data: DataBundle, out_dir: str | Path, architecture: dict | None = None, progress: bool = True
 ) -> RunResult:
     """Apply the recipe's steps in order; the caller's model is not modified."""
+    _check_torch_steps(recipe)
     out_dir = Path(out_dir)
     _check_resumable(out_dir, recipe)
     result = RunResult(out_dir)
@@ -141,6 +143,15 @@ def run_recipe(
         result.rows.append(_stage_row(STAGE_LABELS.get(kind, kind), model, data, time.perf_counter() - start))
     _write_reports(result, recipe)
     return result
+
+
+def _check_torch_steps(recipe: Recipe) -> None:
+    """Quantize steps run on ONNX models here; a PyTorch model is quantized by `deepshrink quantize`."""
+    for i, (kind, cfg) in enumerate(recipe.steps):
+        if isinstance(cfg, PTQ):
+            raise InputError(
+                f"steps[{i}].{kind}: recipes quantize .onnx models; for a PyTorch model use `deepshrink quantize` (or export it to ONNX first)"
+            )
 
 
 def _pack_stage(model: nn.Module, data: DataBundle, out_dir: Path, architecture: dict | None, cfg: Pack, result: RunResult) -> None:
