@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from peers import ort_quantize_static
 
 from deepshrink.compress.quant.config import PTQ
 from deepshrink.core.config import Scope
@@ -70,30 +70,6 @@ def write_npz(folder: Path) -> tuple[Path, Path]:
     np.savez(calib, x=data.train.images[:CALIB].numpy(), y=data.train.labels[:CALIB].numpy())
     np.savez(test, x=data.test.images.numpy(), y=data.test.labels.numpy())
     return calib, test
-
-
-class _Reader(CalibrationDataReader):
-    def __init__(self, npz: Path, batch: int = 64) -> None:
-        x = np.load(npz)["x"]
-        self.feeds = iter([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.feeds, None)
-
-
-def ort_quantize_static(source: Path, calib: Path, out: Path, reduce_range: bool) -> float:
-    start = time.perf_counter()
-    quantize_static(
-        str(source),
-        str(out),
-        _Reader(calib),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=reduce_range,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return time.perf_counter() - start
 
 
 def ours(source: Path, calib: Path, test: Path, folder: Path) -> tuple[Path, dict]:
@@ -268,7 +244,11 @@ def build_models(folder: Path, calib: Path, test: Path) -> tuple[dict[str, dict]
         text = "onnxruntime.quantization.quantize_static: QDQ, per channel, uint8 activations, int8 weights, MinMax" + (
             ", reduce_range (7-bit weights)" if reduce_range else ""
         )
-        models[name] = {"path": out, "seconds": ort_quantize_static(source, calib, out, reduce_range), "description": text}
+        models[name] = {
+            "path": out,
+            "seconds": ort_quantize_static(source, out, np.load(calib)["x"], reduce_range, preprocess=False),
+            "description": text,
+        }
     return models, ours_info["report"]
 
 

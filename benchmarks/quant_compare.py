@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+from peers import ort_quantize_static
 
 from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, save_quantized_model
 from deepshrink.compress.quant.mixed import plan_fraction
@@ -60,30 +59,11 @@ def torch_preds(model, test) -> np.ndarray:
         return torch.cat([model(test.images[i : i + 500]).argmax(1) for i in range(0, len(test), 500)]).numpy()
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, images: np.ndarray) -> None:
-        self.batches = iter([{"input": images[i : i + 64]} for i in range(0, len(images), 64)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def ort_quantize_static(fp32: bytes, calib: np.ndarray, reduce_range: bool) -> bytes:
-    """ONNX Runtime's own static quantizer, the way its docs recommend (pre-processing, QDQ, per channel)."""
+def ort_quantize_static_bytes(fp32: bytes, calib: np.ndarray, reduce_range: bool) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
-        quant_pre_process(str(src), str(pre))
-        quantize_static(
-            str(pre),
-            str(dst),
-            _Reader(calib),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        ort_quantize_static(src, dst, calib, reduce_range)
         return dst.read_bytes()
 
 
@@ -115,7 +95,7 @@ def ptq_rows(name: str, data, threads: int, repeats: int) -> list[dict]:
         variants[label] = (quantized_onnx_bytes(qmodel, SHAPE), extra)
     for reduce_range in (False, True):
         start = time.perf_counter()
-        proto = ort_quantize_static(fp32, calib.numpy(), reduce_range)
+        proto = ort_quantize_static_bytes(fp32, calib.numpy(), reduce_range)
         label = "ORT quantize_static" + (" reduce_range" if reduce_range else "")
         variants[label] = (proto, {"seconds": time.perf_counter() - start})
     rows = []
@@ -164,13 +144,13 @@ def torch_ao_row(name: str, model, calib, data, repeats: int) -> dict:
 def qat_configs(epochs: int, lr: float) -> dict[str, object]:
     train = TrainConfig(epochs=epochs, lr=lr, schedule="cosine", weight_decay=0.0)
     uniform4 = QAT(weight_bits=4, finetune=train)
-    return {
+    return {  # in order of the acceptance lines, binary (only reported) last
         "QAT LSQ w4a8": uniform4,
         "QAT LSQ w2a8": QAT(weight_bits=2, finetune=train),
-        "QAT ternary (TWN) a8": QAT(weight_quantizer="ternary", finetune=train),
-        "QAT binary (BWN) a8": QAT(weight_quantizer="binary", finetune=train),
         "mixed precision, size of uniform w4": "same-as-uniform4",
-        "mixed precision, 1/6 of fp32": MixedPrecision(size_fraction=1 / 6, qat=QAT(finetune=train)),
+        "QAT ternary (TWN) a8": QAT(weight_quantizer="ternary", finetune=train),
+        "mixed precision, 1/6 of fp32": MixedPrecision(size_fraction=1 / 6, sensitivity_samples=500, qat=QAT(finetune=train)),
+        "QAT binary (BWN) a8": QAT(weight_quantizer="binary", finetune=train),
     }
 
 
@@ -206,7 +186,7 @@ def run_qat(data, threads: int, epochs: int, lr: float, done: dict[str, dict]) -
             continue
         if cfg == "same-as-uniform4":  # the uniform 4-bit plan's size, from the same accounting the knapsack uses
             bits, _ = layer_plan(model, uniform4)
-            cfg = MixedPrecision(size_fraction=plan_fraction(model, bits, uniform4.scope), qat=QAT(finetune=uniform4.finetune))
+            cfg = MixedPrecision(plan_fraction(model, bits, uniform4.scope), sensitivity_samples=500, qat=QAT(finetune=uniform4.finetune))
         print(f"== {label}", flush=True)
         start = time.perf_counter()
         qmodel = apply_method(model, cfg, Context(data, progress=False))
@@ -297,7 +277,9 @@ def main() -> None:
         )
         rows = run_qat(data, args.threads, args.qat_epochs, args.qat_lr, {r["method"]: r for r in previous})
         print_table(rows, QAT_COLUMNS, title="resnet20 QAT")
-        payload = save_json({**common, "qat": rows, "qat_setup": {"epochs": args.qat_epochs, "lr": args.qat_lr, "train_images": len(data.train)}})
+        payload = save_json(
+            {**common, "qat": rows, "qat_setup": {"epochs": args.qat_epochs, "lr": args.qat_lr, "train_images": len(data.train)}}
+        )
     write_markdown(payload)
 
 

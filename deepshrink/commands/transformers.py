@@ -109,7 +109,7 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
     from deepshrink.compress.quant.dynamic import parameter_count, quantized_layers
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
-    from deepshrink.export.onnx_dynamic import save_onnx
+    from deepshrink.export.onnx import write_atomic
     from deepshrink.transformers import cosine_fidelity, encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
     from deepshrink.transformers.export import ort_feed
 
@@ -122,7 +122,7 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
     )
     report = {}
     for side, (model, proto) in sides.items():
-        path = save_onnx(proto, out / f"{side}.onnx")
+        path = write_atomic(out / f"{side}.onnx", proto)
         session = ort_session(proto, args.threads)
         feed = ort_feed(session, batches[0])
         median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), args.repeats)

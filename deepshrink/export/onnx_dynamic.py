@@ -20,7 +20,6 @@ table is stored at one byte per value and only the rows used are dequantized.
 """
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,13 +315,3 @@ def dynamic_onnx_from_torch(
 def dynamic_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], weight_type: WeightType = "uint8") -> bytes:
     """A dynamically quantized model with one float input (an MLP, say) as dynamic int8 ONNX."""
     return dynamic_onnx_from_torch(model, lambda proxy: onnx_bytes(proxy, input_shape), weight_type)
-
-
-def save_onnx(proto: bytes, path: str | Path) -> Path:
-    """Write atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(proto)
-    os.replace(tmp, path)
-    return path

@@ -8,7 +8,6 @@ input_scale x weight_scale. ONNX Runtime then fuses DQ -> Conv -> Q into
 QLinearConv (and Gemm, Add, pooling alike) and runs integer kernels.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,12 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
-from deepshrink.export.onnx import OPSET, ExportError, onnx_bytes
+from deepshrink.export.onnx import OPSET, ExportError, onnx_bytes, write_atomic
 
 
 def export_quantized_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = OPSET) -> Path:
     """Export a fake-quant model (from ``deepshrink.quantize``) as a checked QDQ ONNX file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = quantized_onnx_bytes(model, input_shape, opset)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, quantized_onnx_bytes(model, input_shape, opset))
 
 
 def quantized_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET) -> bytes:

@@ -5,8 +5,6 @@ corrupt or invalid file fails at the door with one line; every model we write is
 checked the same way before it reaches the disk, and written atomically.
 """
 
-import os
-import secrets
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from deepshrink.core.errors import DeepShrinkError, InputError
+from deepshrink.export.onnx import write_atomic
 
 
 class OnnxModelError(DeepShrinkError):
@@ -53,16 +52,7 @@ def check_onnx(model: onnx.ModelProto, origin: str = "model", error: type[Except
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
     """Check, then write atomically (temp file in the same folder + rename)."""
     check_onnx(model, str(path), OnnxModelError)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, model.SerializeToString())
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepshrink.compress.quant.observers import make_observer
-from deepshrink.compress.quant.primitives import QuantSpec, fake_quantize_ste, lsq_fake_quantize
+from deepshrink.compress.quant.primitives import SCALE_EPS, QuantSpec, fake_quantize_ste, lsq_fake_quantize
 
 WeightQuantizer = Literal["fixed", "lsq", "binary", "ternary"]
 ActMode = Literal["observe", "quantize", "off"]
@@ -25,8 +25,10 @@ TWN_THRESHOLD = 0.7  # ternary threshold as a fraction of mean |w| (Li & Liu 201
 
 
 def _positive(scale: torch.Tensor) -> torch.Tensor:
-    """A learned step can be pushed through zero by one large SGD step; its magnitude is the step."""
-    return scale.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    """A learned step can be pushed through zero by one large SGD step; its magnitude
+    is the step, floored so that x / step stays finite (an infinite code makes LSQ's
+    step gradient inf - inf = NaN)."""
+    return scale.abs().clamp_min(SCALE_EPS)
 
 
 def _export_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,16 @@ def _ternary(weight: torch.Tensor) -> torch.Tensor:
     return torch.sign(weight) * keep * alpha
 
 
-class QuantConv2d(nn.Conv2d):
+class _QuantizedWeightMixin:
+    """The weight a quantized layer computes with: fake-quantized in torch, a Q/DQ pair in ONNX."""
+
+    def quantized_weight(self) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() and self.weight_quant.enabled:
+            return self.weight_quant.export_weight()
+        return self.weight_quant(self.weight)
+
+
+class QuantConv2d(_QuantizedWeightMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: QuantSpec, quantizer: WeightQuantizer) -> "QuantConv2d":
         new = cls(
@@ -201,27 +212,17 @@ class QuantConv2d(nn.Conv2d):
         new.weight_quant = QuantWeight(spec, quantizer, conv.out_channels)
         return new
 
-    def quantized_weight(self) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() and self.weight_quant.enabled:
-            return self.weight_quant.export_weight()
-        return self.weight_quant(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_QuantizedWeightMixin, nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: QuantSpec, quantizer: WeightQuantizer) -> "QuantLinear":
         new = cls(linear.in_features, linear.out_features, linear.bias is not None)
         new.load_state_dict(linear.state_dict())
         new.weight_quant = QuantWeight(spec, quantizer, linear.out_features)
         return new
-
-    def quantized_weight(self) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() and self.weight_quant.enabled:
-            return self.weight_quant.export_weight()
-        return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
