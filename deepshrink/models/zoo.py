@@ -196,3 +196,22 @@ class MobileNetV2(nn.Module):
 def mobilenetv2(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """MobileNetV2 at width 0.5 with strides adapted to 28x28."""
     return MobileNetV2(in_channels, num_classes)
+
+
+# -- students for knowledge distillation (no pretrained weights: they are trained by distilling) --
+@MODELS.register("resnet8")
+def resnet8(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """ResNet-8: resnet20 with one block per stage (~78K params, ~30% of its MACs), a KD student."""
+    return ResNetCifar(8, in_channels, num_classes)
+
+
+@MODELS.register("resnet20_thin")
+def resnet20_thin(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """resnet20 at half width (8/16/32 channels): same depth, ~1/4 of the params and MACs."""
+    return ResNetCifar(20, in_channels, num_classes, width=8)
+
+
+@MODELS.register("lenet_small")
+def lenet_small(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
+    """A small LeNet (4/8 convs, one 32-unit hidden layer, ~8K params), a KD student."""
+    return _lenet(in_channels, num_classes, input_size, (4, 8), (32,), pad=2)
