@@ -150,9 +150,7 @@ def test_low_bit_weights_pack_into_fewer_bytes_and_reload_exactly(trained, tmp_p
 @pytest.mark.parametrize("quantizer, levels", [("binary", 2), ("ternary", 3)])
 def test_binary_and_ternary_weights_take_two_or_three_values_per_channel(trained, quantizer, levels):
     model, data = trained
-    cfg = QAT(
-        weight_quantizer=quantizer, calib_samples=128, finetune=TrainConfig(epochs=2, lr=0.01, batch_size=64, channels_last=False)
-    )
+    cfg = QAT(weight_quantizer=quantizer, calib_samples=128, finetune=TrainConfig(epochs=2, lr=0.01, batch_size=64, channels_last=False))
     qmodel = apply_method(model, cfg, Context(data, progress=False))
     inner = quant_layers(qmodel)[1:-1]  # the first and last layers stay 8-bit
     assert {layer.weight_quant.quantizer for _, layer in inner} == {quantizer}
