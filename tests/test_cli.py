@@ -83,7 +83,15 @@ def test_corrupt_weights_file_is_rejected(tmp_path, capsys):
 def test_console_script_lists_the_zoo():
     result = subprocess.run([sys.executable, "-m", "deepshrink.cli", "models", "--json"], capture_output=True, text=True, check=True)
     rows = {row["model"]: row for row in json.loads(result.stdout)}
-    assert set(rows) == {"lenet300", "lenet5", "lenet5_caffe", "resnet20", "vgg", "mobilenetv2"}
+    assert {name for name, row in rows.items() if row["pretrained"]} == {
+        "lenet300",
+        "lenet5",
+        "lenet5_caffe",
+        "resnet20",
+        "vgg",
+        "mobilenetv2",
+    }
+    assert {"resnet8", "resnet20_thin", "lenet_small"} <= set(rows)  # distillation students, trained by distilling
     assert rows["lenet5_caffe"]["params"] == 431_080
     assert rows["resnet20"]["macs"] > 30e6
 
