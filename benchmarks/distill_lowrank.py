@@ -16,7 +16,8 @@
 Every finished unit (one training run, one measured model) is stored in
 ``--state`` as it completes, so an interrupted run resumes where it stopped;
 ``--redo PART`` forgets a part. Fine-tuned weights are kept beside the state,
-so a resumed run re-measures latency instead of re-training. Writes
+so ``--remeasure PART`` (e.g. on a quieter machine) re-measures accuracy and
+latency without re-training. Writes
 benchmarks/results/distill_lowrank.{md,json} from whatever parts are done.
 """
 
@@ -79,9 +80,11 @@ class State:
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
 
-    def forget(self, part: str) -> None:
+    def forget(self, part: str, keep_training: bool = False) -> None:
+        """Drop a part's results; ``keep_training`` keeps its trained weights' times, so only measuring is redone."""
         for key in [k for k in self.data if k.split("/")[0] == part]:
-            del self.data[key]
+            if not (keep_training and key.endswith("/seconds")):
+                del self.data[key]
         self.put("_", None)
 
     def weights(self, key: str) -> Path:
@@ -418,6 +421,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["all", *PARTS], default="all")
     parser.add_argument("--redo", choices=PARTS, action="append", default=[], help="forget a part's stored results first")
+    parser.add_argument("--remeasure", choices=PARTS, action="append", default=[], help="re-measure a part, reusing its trained weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--state", default="runs/benchmark-distill-lowrank/state.json")
@@ -443,6 +447,8 @@ def main() -> None:
     state = State(Path(args.state))
     for part in args.redo:
         state.forget(part)
+    for part in args.remeasure:
+        state.forget(part, keep_training=True)
     data = load_data()
     env = environment()
     parts = PARTS if args.part == "all" else (args.part,)
