@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
     _add_data_args(p)
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -185,7 +186,7 @@ def _print_zoo_evaluation(args: argparse.Namespace, manifest: dict) -> int:
 
 @command("compress")
 def _compress(args: argparse.Namespace) -> int:
-    from deepshrink.models import architecture_of, resolve_model
+    from deepshrink.models import architecture_of, list_models, resolve_model
     from deepshrink.pipeline.recipe import load_recipe
     from deepshrink.pipeline.runner import STAGE_COLUMNS, run_recipe
     from deepshrink.report import print_table
@@ -202,9 +203,10 @@ def _compress(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model, args.weights)
-    data = _load_data(args)
+    data = _load_data(args, train_subset=args.train_subset)
     out = args.out or f"runs/{recipe.name}-{args.model.replace(':', '_')}"
-    result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress)
+    model_name = args.model if args.model in list_models() else None
+    result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress, model_name=model_name)
     print_table(result.rows, STAGE_COLUMNS, title=f"{recipe.name} on {args.model} ({len(data.test):,} test images)")
     for path in (result.dsz_path, result.onnx_path):
         if path:

@@ -13,6 +13,15 @@ if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
     || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
 fi
 
+# The HTML report's real-browser test (tests/test_report_html.py) renders it in headless
+# Chromium; with CI set, that test fails rather than skips when the browser is missing.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing Chromium (Debian package chromium) for the HTML report test"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q chromium >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+
 PY="$(command -v python3.11 || command -v python3)"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"

@@ -318,8 +318,10 @@ def test_recipe_without_pack_or_onnx(tmp_path):
     data = tiny_bundle()
     recipe = parse_recipe({"name": "p", "version": 1, "steps": [{"prune": {"sparsity": 0.5}}]})
     result = runner.run_recipe(tiny_model(), recipe, data, tmp_path / "p", progress=False)
-    assert result.dsz_path is None and result.onnx_path is None
-    assert (tmp_path / "p" / "step1_prune.safetensors").is_file() and not (tmp_path / "p" / "model.dsz").exists()
+    # without pack, the archive is the last step's safetensors, and the run still ends with ONNX
+    assert result.dsz_path is None and result.archive_path == tmp_path / "p" / "step1_prune.safetensors"
+    assert result.onnx_path == tmp_path / "p" / "model.onnx" and result.onnx_max_abs_diff < 1e-4
+    assert not (tmp_path / "p" / "model.dsz").exists()
     recipe = parse_recipe({"name": "q", "version": 1, "steps": [{"share": {"linear_bits": 2}}, {"pack": {"onnx": False}}]})
     result = runner.run_recipe(tiny_model(), recipe, data, tmp_path / "q", ARCH, progress=False)
     assert result.dsz_path is not None and result.onnx_path is None and not (tmp_path / "q" / "model.onnx").exists()

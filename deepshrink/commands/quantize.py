@@ -82,6 +82,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> dict:
     from deepshrink.compress.quant import save_quantized_model
     from deepshrink.evaluate import evaluate_accuracy
+    from deepshrink.evaluate.accuracy import ort_top1
     from deepshrink.evaluate.latency import ort_latency_interleaved
     from deepshrink.export import onnx_bytes, ort_session
     from deepshrink.export.qdq import export_quantized_onnx
@@ -97,7 +98,7 @@ def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> di
     }
     sides["fp32"]["onnx_bytes"], sides["quantized"]["onnx_bytes"] = len(fp32_onnx), onnx_path.stat().st_size
     for name, session in sessions.items():
-        sides[name]["top1_ort"] = _ort_top1(session, data.test)
+        sides[name]["top1_ort"] = ort_top1(session, data.test)
     for batch in LATENCY_BATCHES:
         for name, (median, _) in ort_latency_interleaved(sessions, data.input_shape, batch, args.repeats).items():
             sides[name][f"ort_b{batch}_ms"] = median
@@ -113,17 +114,6 @@ def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> di
         "bit_plan": getattr(qmodel, "bit_plan", None),
         "files": {"weights": str(out / "model.safetensors"), "onnx": str(onnx_path)},
     }
-
-
-def _ort_top1(session, test) -> float:
-    import numpy as np
-
-    name = session.get_inputs()[0].name
-    correct = 0
-    for i in range(0, len(test), 500):
-        logits = session.run(None, {name: test.images[i : i + 500].numpy()})[0]
-        correct += int((np.argmax(logits, 1) == test.labels[i : i + 500].numpy()).sum())
-    return 100.0 * correct / len(test)
 
 
 ROWS = (

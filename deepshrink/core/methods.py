@@ -21,6 +21,8 @@ class Context:
     data: Any = None  # a deepshrink.data.DataBundle, for fine-tuning and calibration
     progress: bool = True
     calib: Any = None  # an iterable of input batches; overrides data.train for calibration
+    teacher: Any = None  # the model before compression: distillation steps without a named teacher use it
+    model_name: str | None = None  # the zoo name of the input model, when it has one (``student: auto``)
 
 
 def register(config_type: type) -> Callable:

@@ -32,3 +32,15 @@ def evaluate_accuracy(model: nn.Module, data: ImageSet, batch_size: int = 500) -
     model.train(was_training)
     n = len(data)
     return AccuracyResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, n)
+
+
+def ort_predictions(session, data: ImageSet, batch_size: int = 500) -> torch.Tensor:
+    """Top-1 class of every image from an ONNX Runtime session."""
+    name = session.get_inputs()[0].name
+    batches = [session.run(None, {name: data.images[i : i + batch_size].numpy()})[0] for i in range(0, len(data), batch_size)]
+    return torch.cat([torch.from_numpy(logits).argmax(1) for logits in batches])
+
+
+def ort_top1(session, data: ImageSet) -> float:
+    """Top-1 (percent) of an ONNX Runtime session on a labelled image set."""
+    return 100.0 * float((ort_predictions(session, data) == data.labels).float().mean())

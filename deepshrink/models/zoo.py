@@ -215,3 +215,30 @@ def resnet20_thin(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 def lenet_small(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
     """A small LeNet (4/8 convs, one 32-unit hidden layer, ~8K params), a KD student."""
     return _lenet(in_channels, num_classes, input_size, (4, 8), (32,), pad=2)
+
+
+# VGG-11 pattern at a quarter of the original widths (half of vgg's).
+VGG11_QUARTER = (16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 128, 128)
+
+
+@MODELS.register("vgg_small")
+def vgg_small(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """vgg at half its widths (16..128 channels, ~1/4 of the conv params and MACs), a KD student."""
+    return VGG(VGG11_QUARTER, in_channels, num_classes)
+
+
+@MODELS.register("mobilenetv2_small")
+def mobilenetv2_small(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 at width 0.25 with a 320-channel head, a KD student for mobilenetv2."""
+    return MobileNetV2(in_channels, num_classes, width=0.25, last_channels=320)
+
+
+# The student each pretrained model distils into when a recipe asks for ``student: {model: auto}``.
+STUDENTS = {
+    "lenet300": "lenet_small",
+    "lenet5": "lenet_small",
+    "lenet5_caffe": "lenet_small",
+    "resnet20": "resnet8",
+    "vgg": "vgg_small",
+    "mobilenetv2": "mobilenetv2_small",
+}

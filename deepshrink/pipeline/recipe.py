@@ -12,11 +12,15 @@ from typing import Any
 
 import yaml
 
+from deepshrink.compress.distill import Distill
+from deepshrink.compress.lowrank import Decompose
 from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune
-from deepshrink.compress.quant.config import PTQ
+from deepshrink.compress.quant.config import PTQ, QAT, MixedPrecision
 from deepshrink.compress.share import HashShare, KMeansShare
+from deepshrink.compress.structure.separable import Separable
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.pipeline.steps import Export, Finetune, Student
 
 SCHEMA_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -37,8 +41,20 @@ STEP_TYPES: dict[str, type[Config]] = {
     "share": KMeansShare,
     "hash_share": HashShare,
     "quantize": PTQ,
+    "qat": QAT,
+    "mixed_precision": MixedPrecision,
+    "distill": Distill,
+    "decompose": Decompose,
+    "separable": Separable,
+    "student": Student,
+    "finetune": Finetune,
     "pack": Pack,
+    "export": Export,
 }
+QUANTIZING = {"quantize", "qat", "mixed_precision"}  # after these only pack and export make sense
+FINAL = {"pack", "export"}  # write the final files: nothing may follow them
+TRAINING = {"distill", "finetune"}  # what an untrained student step needs next
+TOP_KEYS = {"name", "version", "description", "seed", "steps"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,7 @@ class Recipe:
     name: str
     steps: tuple[tuple[str, Config], ...]
     description: str = ""
+    seed: int = 0  # each step starts from seed + its index, so a resumed run repeats an uninterrupted one
     source: dict | None = None  # the parsed YAML, kept for the run folder
 
     def plan(self) -> list[str]:
@@ -55,9 +72,12 @@ class Recipe:
 def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise InputError(f"{origin}: a recipe must be a mapping with name, version and steps")
-    unknown = sorted(set(data) - {"name", "version", "description", "steps"})
+    unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
-        raise InputError(f"{origin}: unknown key(s) {unknown}; allowed: description, name, steps, version")
+        raise InputError(f"{origin}: unknown key(s) {unknown}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InputError(f"{origin}: seed must be a non-negative integer, got {seed!r}")
     if data.get("version") != SCHEMA_VERSION:
         raise InputError(f"{origin}: version must be {SCHEMA_VERSION}, got {data.get('version')!r}")
     steps = data.get("steps")
@@ -70,8 +90,27 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
         ((kind, options),) = step.items()
         if kind not in STEP_TYPES:
             raise InputError(f"{origin}: steps[{i}]: unknown step kind {kind!r}; known: {', '.join(STEP_TYPES)}")
+        if options is not None and not isinstance(options, dict):
+            raise InputError(f"{origin}: steps[{i}].{kind}: expected a mapping of options, got {options!r}")
         parsed.append((kind, STEP_TYPES[kind].from_dict(options or {}, f"steps[{i}].{kind}")))
-    return Recipe(str(data.get("name", origin)), tuple(parsed), str(data.get("description", "")), data)
+    _check_order(origin, [kind for kind, _ in parsed])
+    return Recipe(str(data.get("name", origin)), tuple(parsed), str(data.get("description", "")), seed, data)
+
+
+def _check_order(origin: str, kinds: list[str]) -> None:
+    """Orders that cannot work fail before anything runs."""
+    for i, kind in enumerate(kinds):
+        before = kinds[:i]
+        if any(k in FINAL for k in before):
+            raise InputError(
+                f"{origin}: steps[{i}].{kind}: comes after {kinds[before.index(next(k for k in before if k in FINAL))]}, which must be last"
+            )
+        if kind not in FINAL and any(k in QUANTIZING for k in before):
+            raise InputError(
+                f"{origin}: steps[{i}].{kind}: a quantized model can only be packed or exported; move {kind} before the quantization"
+            )
+        if kind == "student" and (i + 1 >= len(kinds) or kinds[i + 1] not in TRAINING):
+            raise InputError(f"{origin}: steps[{i}].student: an untrained student must be followed by distill or finetune")
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:

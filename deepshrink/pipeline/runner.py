@@ -2,13 +2,14 @@
 
 The folder holds the resolved recipe, the model after every step
 (safetensors), the final ``model.dsz`` and ``model.onnx`` (of the model decoded
-from the archive), and ``report.json``/``report.md`` with the per-stage table
+from the archive), and ``report.json``/``report.md``/``report.html`` with the per-stage table
 (the Deep Compression paper's Table 1 layout). Re-running with the same recipe
 resumes after the last finished step.
 """
 
 import copy
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,16 +19,22 @@ import torch
 import yaml
 from torch import nn
 
-from deepshrink.compress.quant.config import PTQ
-from deepshrink.core.errors import InputError
+from deepshrink.compress.quant.modules import quant_layers
+from deepshrink.compress.quant.storage import load_quantized_model, save_quantized_model
+from deepshrink.core.config import Scope
+from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data.datasets import DataBundle
 from deepshrink.encode.pack import pack, unpack
-from deepshrink.evaluate.accuracy import evaluate_accuracy
+from deepshrink.evaluate.accuracy import evaluate_accuracy, ort_top1
 from deepshrink.evaluate.environment import environment
-from deepshrink.export.onnx import export_onnx, ort_session, verify_onnx
-from deepshrink.models.weights import load_weights, save_weights
+from deepshrink.export.onnx import export_onnx, ort_session, verify_onnx, write_atomic
+from deepshrink.export.qdq import export_quantized_onnx
+from deepshrink.models import resolve_model
+from deepshrink.models.weights import save_weights
 from deepshrink.pipeline.recipe import Pack, Recipe
+from deepshrink.pipeline.steps import Export, Student, checkpoint_metadata, restore_step, student_name
+from deepshrink.report import write_html_report
 from deepshrink.report.tables import Column, markdown_table
 
 
@@ -63,6 +70,14 @@ class RunResult:
     dsz_path: Path | None = None
     onnx_path: Path | None = None
     onnx_max_abs_diff: float | None = None
+    onnx_top1: float | None = None  # the final ONNX file's Top-1 in ONNX Runtime
+    model: nn.Module | None = None  # the final model
+    last_checkpoint: Path | None = None
+
+    @property
+    def archive_path(self) -> Path:
+        """The file that stores the compressed model: the packed archive, else the last step's safetensors."""
+        return self.dsz_path or self.last_checkpoint
 
 
 STAGE_COLUMNS = [
@@ -85,22 +100,29 @@ the last row is measured on the model decoded from that file.
 STAGE_LABELS = {"prune": "pruned", "share": "k-means shared"}
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return bool(quant_layers(model))
+
+
+def stored_bytes(model: nn.Module) -> float:
+    """The stage's storage: bit-packed integer weights for a quantized model, else the
+    .dsz layout with fixed-width fields (see STAGE_NOTES)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if is_quantized(model):
+            return save_quantized_model(model, Path(tmp) / "stage.safetensors")
+        return pack(model, Path(tmp) / "stage.dsz").fixed_width_bytes
+
+
+def weight_count(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters), quantizer steps left out."""
+    tensors = [p for name, p in model.named_parameters() if not name.endswith(".scale")]
+    return sum(p.numel() for p in tensors), sum(int(torch.count_nonzero(p)) for p in tensors)
+
+
 def _stage_row(label: str, model: nn.Module, data: DataBundle, seconds: float, dsz_bytes: int | None = None) -> StageRow:
     accuracy = evaluate_accuracy(model, data.test)
-    params = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        fixed = pack(model, Path(tmp) / "stage.dsz").fixed_width_bytes
-    return StageRow(
-        label,
-        accuracy.top1,
-        accuracy.top5,
-        params,
-        sum(int(torch.count_nonzero(p)) for p in model.parameters()),
-        fixed,
-        dsz_bytes,
-        4 * params,
-        seconds,
-    )
+    params, nonzero = weight_count(model)
+    return StageRow(label, accuracy.top1, accuracy.top5, params, nonzero, stored_bytes(model), dsz_bytes, 4 * params, seconds)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -116,45 +138,79 @@ def _check_resumable(out_dir: Path, recipe: Recipe) -> None:
             raise InputError(f"{out_dir} holds a run of a different recipe; choose another --out or delete it")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        resolved.write_text(yaml.safe_dump(recipe.source, sort_keys=False))
+        write_atomic(resolved, yaml.safe_dump(recipe.source, sort_keys=False).encode())
 
 
 def run_recipe(
-    model: nn.Module, recipe: Recipe, data: DataBundle, out_dir: str | Path, architecture: dict | None = None, progress: bool = True
+    model: nn.Module,
+    recipe: Recipe,
+    data: DataBundle,
+    out_dir: str | Path,
+    architecture: dict | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
 ) -> RunResult:
-    """Apply the recipe's steps in order; the caller's model is not modified."""
-    _check_torch_steps(recipe)
+    """Apply the recipe's steps in order; the caller's model is not modified.
+
+    Every step starts from the same seed (the recipe's plus its index), so a run that
+    resumes after an interruption ends where an uninterrupted one does."""
     out_dir = Path(out_dir)
+    ctx = Context(data=data, progress=progress, teacher=copy.deepcopy(model).eval(), model_name=model_name)
+    check_preconditions(recipe, ctx)
+    fresh = not out_dir.exists()
     _check_resumable(out_dir, recipe)
+    try:
+        return _run_steps(model, recipe, data, out_dir, architecture, ctx)
+    except BaseException:
+        if fresh and not any(out_dir.glob("step*.safetensors")):  # nothing finished: leave no half-made run folder
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def check_preconditions(recipe: Recipe, ctx: Context) -> None:
+    """What a step names outside the recipe (a teacher, a student) must exist before a folder is made."""
+    for i, (kind, cfg) in enumerate(recipe.steps):
+        try:
+            if isinstance(cfg, Student):
+                student_name(cfg, ctx)
+            elif getattr(cfg, "teacher", None) is not None:
+                resolve_model(cfg.teacher)
+        except DeepShrinkError as exc:
+            raise InputError(f"steps[{i}].{kind}: {exc}") from None
+
+
+def _run_steps(model: nn.Module, recipe: Recipe, data: DataBundle, out_dir: Path, architecture: dict | None, ctx: Context) -> RunResult:
     result = RunResult(out_dir)
     result.rows.append(_stage_row("original fp32", model, data, 0.0))
-    ctx = Context(data=data, progress=progress)
     for i, (kind, cfg) in enumerate(recipe.steps):
         if isinstance(cfg, Pack):
             _pack_stage(model, data, out_dir, architecture, cfg, result)
             continue
+        if isinstance(cfg, Export):
+            _export_stage(model, data, out_dir, cfg, result)
+            continue
         checkpoint = out_dir / f"step{i + 1}_{kind}.safetensors"
+        torch.manual_seed(recipe.seed + i)
         start = time.perf_counter()
         if checkpoint.exists():  # finished in an earlier, interrupted run
-            model = load_weights(copy.deepcopy(model), checkpoint, resize=True)
+            model = restore_step(model, cfg, ctx, checkpoint)
         else:
             model = apply_method(model, cfg, ctx)
-            save_weights(model, checkpoint)
+            save_weights(model, checkpoint, checkpoint_metadata(model))
         result.rows.append(_stage_row(STAGE_LABELS.get(kind, kind), model, data, time.perf_counter() - start))
+        result.last_checkpoint = checkpoint
+    result.model = model
+    opted_out = any(isinstance(cfg, Pack) and not cfg.onnx for _, cfg in recipe.steps)
+    if result.onnx_path is None and not opted_out:  # a run ends with an ONNX file of its final model
+        _export_stage(model, data, out_dir, Export(), result)
     _write_reports(result, recipe)
     return result
 
 
-def _check_torch_steps(recipe: Recipe) -> None:
-    """Quantize steps run on ONNX models here; a PyTorch model is quantized by `deepshrink quantize`."""
-    for i, (kind, cfg) in enumerate(recipe.steps):
-        if isinstance(cfg, PTQ):
-            raise InputError(
-                f"steps[{i}].{kind}: recipes quantize .onnx models; for a PyTorch model use `deepshrink quantize` (or export it to ONNX first)"
-            )
-
-
 def _pack_stage(model: nn.Module, data: DataBundle, out_dir: Path, architecture: dict | None, cfg: Pack, result: RunResult) -> None:
+    if is_quantized(model):
+        _pack_quantized(model, data, out_dir, cfg, result)
+        return
     start = time.perf_counter()
     report = pack(model, out_dir / "model.dsz", architecture)
     decoded = unpack(report.path, copy.deepcopy(model))
@@ -170,9 +226,31 @@ def _pack_stage(model: nn.Module, data: DataBundle, out_dir: Path, architecture:
         {"file_bytes": report.file_bytes, "tensors": [{**asdict(t), "bits_per_weight": t.bits_per_weight} for t in report.tensors]},
     )
     if cfg.onnx:
-        shape = tuple(data.test.images.shape[1:])
-        result.onnx_path = export_onnx(decoded, out_dir / "model.onnx", shape)
-        result.onnx_max_abs_diff = verify_onnx(decoded, ort_session(result.onnx_path), data.test.images[:256])
+        _export_stage(decoded, data, out_dir, Export(), result)
+
+
+def _pack_quantized(model: nn.Module, data: DataBundle, out_dir: Path, cfg: Pack, result: RunResult) -> None:
+    """A quantized model's archive is its bit-packed integer weights (safetensors, no pickle)."""
+    start = time.perf_counter()
+    path = out_dir / "model.qpack.safetensors"
+    file_bytes = save_quantized_model(model, path)
+    restored = load_quantized_model(copy.deepcopy(model), path)
+    result.dsz_path = path
+    result.rows.append(_stage_row("bit-packed integers", restored, data, time.perf_counter() - start, dsz_bytes=file_bytes))
+    if cfg.onnx:
+        _export_stage(restored, data, out_dir, Export(), result)
+
+
+def _export_stage(model: nn.Module, data: DataBundle, out_dir: Path, cfg: Export, result: RunResult) -> None:
+    """model.onnx of the final model, checked in ONNX Runtime against PyTorch (and its Top-1 there)."""
+    shape = tuple(data.test.images.shape[1:])
+    if is_quantized(model):
+        result.onnx_path = export_quantized_onnx(model, out_dir / "model.onnx", shape)
+    else:
+        result.onnx_path = export_onnx(model, out_dir / "model.onnx", shape)
+    session = ort_session(result.onnx_path)
+    result.onnx_max_abs_diff = verify_onnx(model, session, data.test.images[: cfg.check_images])
+    result.onnx_top1 = ort_top1(session, data.test)
 
 
 def _write_reports(result: RunResult, recipe: Recipe) -> None:
@@ -183,8 +261,30 @@ def _write_reports(result: RunResult, recipe: Recipe) -> None:
         "dsz": str(result.dsz_path) if result.dsz_path else None,
         "onnx": str(result.onnx_path) if result.onnx_path else None,
         "onnx_max_abs_diff": result.onnx_max_abs_diff,
+        "onnx_top1": result.onnx_top1,
         "environment": environment(),
     }
+    if result.model is not None:
+        payload["layers"] = layer_plan(result.model)
     _write_json(result.out_dir / "report.json", payload)
     text = f"# {recipe.name}\n\n{recipe.description}\n\n" + markdown_table(result.rows, STAGE_COLUMNS) + STAGE_NOTES
-    (result.out_dir / "report.md").write_text(text)
+    write_atomic(result.out_dir / "report.md", text.encode())
+    write_html_report(
+        result.out_dir / "report.html",
+        f"{recipe.name}: per-stage report",
+        stage_rows=rows,
+        layer_plans={recipe.name: payload["layers"]} if payload.get("layers") else None,
+        notes_markdown=recipe.description + "\n\n" + STAGE_NOTES,
+        environment=payload["environment"],
+    )
+
+
+def layer_plan(model: nn.Module) -> dict[str, dict]:
+    """Per weight layer: the fraction of zero weights, and the weight bits of a quantized layer."""
+    plan = {}
+    for name, layer in Scope().layers(model):
+        entry = {"sparsity": 1.0 - float(torch.count_nonzero(layer.weight)) / layer.weight.numel()}
+        if hasattr(layer, "weight_quant"):
+            entry["bits"] = layer.weight_quant.spec.bits
+        plan[name] = entry
+    return plan

@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from deepshrink.compress.distill.hook import KD, KDHook, TeacherCache
+from deepshrink.compress.prune.masks import MaskHook, zero_masks
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
@@ -88,5 +89,9 @@ def resolve_teacher(name: str | None, ctx: Context) -> nn.Module:
 
 @register(Distill)
 def _apply(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
-    finetune_with_kd(model, cfg.train, ctx.data, resolve_teacher(cfg.teacher, ctx), cfg.kd, progress=ctx.progress)
+    masks = zero_masks(model)  # a pruned student stays pruned
+    hooks = [MaskHook(model, masks)] if masks else []
+    finetune_with_kd(model, cfg.train, ctx.data, resolve_teacher(cfg.teacher, ctx), cfg.kd, hooks=hooks, progress=ctx.progress)
+    for hook in hooks:
+        hook.finalize()
     return model

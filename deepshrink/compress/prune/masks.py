@@ -80,6 +80,13 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
         modules[name].weight.masked_fill_(~mask, 0.0)  # +0.0; multiplying would leave -0.0 for negative weights
 
 
+def zero_masks(model: nn.Module, scope: Scope | None = None) -> Masks:
+    """Masks of the weights that are exactly zero now, for layers that have any: training
+    with these in a ``MaskHook`` keeps an already pruned model pruned."""
+    masks = {name: module.weight.detach() != 0 for name, module in (scope or Scope()).layers(model)}
+    return {name: mask for name, mask in masks.items() if not bool(mask.all())}
+
+
 def sparsity_of(masks: Masks) -> float:
     total = sum(m.numel() for m in masks.values())
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deepshrink.compress.quant.observers import make_observer
+from deepshrink.compress.quant.observers import MovingAverageObserver, make_observer
 from deepshrink.compress.quant.primitives import SCALE_EPS, QuantSpec, fake_quantize_ste, lsq_fake_quantize
 
 WeightQuantizer = Literal["fixed", "lsq", "binary", "ternary"]
@@ -44,6 +44,7 @@ class ActQuant(nn.Module):
         self.observer_name = observer
         self.observer = make_observer(observer, spec)
         self.mode: ActMode = "observe"
+        self.tracker: MovingAverageObserver | None = None  # set by track_range during QAT
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
 
@@ -58,6 +59,17 @@ class ActQuant(nn.Module):
     def learn_scale(self, enabled: bool = True) -> None:
         self.scale.requires_grad_(enabled)
 
+    def track_range(self, enabled: bool = True, momentum: float = 0.99) -> None:
+        """While training, follow the activations' drifting range with an EMA of batch
+        min/max (PyTorch's QAT default), starting from the calibrated range: weights
+        that change under QAT change the activations, and a fixed range goes stale."""
+        self.tracker = None
+        if enabled:
+            self.tracker = MovingAverageObserver(self.spec, momentum=momentum)
+            with torch.no_grad():
+                codes = torch.tensor([self.spec.qmin, self.spec.qmax], dtype=torch.float32) - self.zero_point.float()
+                self.tracker.min_val, self.tracker.max_val = (codes * self.scale.detach()).unbind()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observer.update(x.detach())
@@ -70,7 +82,16 @@ class ActQuant(nn.Module):
             )
         if self.scale.requires_grad:
             return lsq_fake_quantize(x, _positive(self.scale), self.zero_point, self.spec)
+        if self.training and self.tracker is not None:
+            self._follow(x)
         return fake_quantize_ste(x, self.scale, self.zero_point, self.spec)
+
+    @torch.no_grad()
+    def _follow(self, x: torch.Tensor) -> None:
+        self.tracker.update(x.detach())
+        scale, zero_point = self.tracker.qparams()
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, observer={self.observer_name}, mode={self.mode}"

@@ -36,9 +36,9 @@ def prepare_qat(model: nn.Module, cfg: QAT, batches) -> nn.Module:
     qmodel = prepare(model, bits, cfg.activation_bits, cfg.scope, quantizer, reduce_range=resolve_reduce_range(cfg.reduce_range))
     # MSE-optimal clipping starts low-bit weights far closer to their trained optimum than min-max.
     calibrate(qmodel, batches, weight_observer="mse" if min(bits.values()) <= 4 else "minmax")
-    if cfg.weight_quantizer == "lsq":
-        for quant in act_quantizers(qmodel):
-            quant.learn_scale()
+    for quant in act_quantizers(qmodel):
+        quant.learn_scale(cfg.activation_steps == "lsq")
+        quant.track_range(cfg.activation_steps == "ema")
     return qmodel
 
 
@@ -49,6 +49,7 @@ def qat(model: nn.Module, cfg: QAT, ctx: Context, hooks: list[TrainHook] | None 
     Trainer(qmodel, cfg.finetune, ctx.data.train, ctx.data.val, hooks=hooks, progress=ctx.progress).fit()
     for quant in act_quantizers(qmodel):
         quant.learn_scale(False)
+        quant.track_range(False)
     return qmodel.eval()
 
 

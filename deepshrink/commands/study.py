@@ -1,0 +1,46 @@
+"""``deepshrink study``: the models x methods grid, measured side by side, with an HTML report."""
+
+import argparse
+
+from deepshrink.cli import command
+
+
+def add_commands(sub) -> None:
+    from deepshrink.pipeline.study import BUDGETS, STUDY_METHODS
+
+    p = sub.add_parser("study", help="compare compression methods on several models; writes study.md/json and report.html")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="quick", help="quick: minutes (2 models, 1 epoch, subsets); full: hours")
+    p.add_argument("--models", default=None, help="comma-separated zoo models (default: the budget's)")
+    p.add_argument("--methods", default=None, help=f"comma-separated methods or recipe names/paths (default: {', '.join(STUDY_METHODS)})")
+    p.add_argument("--out", default=None, help="study folder (default: runs/study-<budget>); re-running resumes")
+    p.add_argument("--threads", type=int, default=2, help="threads per cell")
+    p.add_argument("--workers", type=int, default=None, help="cells in parallel (default: cores / threads)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist", "cifar10", "npz"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("study")
+def _study(args: argparse.Namespace) -> int:
+    from deepshrink.pipeline.study import BUDGETS, STUDY_COLUMNS, resolve_methods, run_study
+    from deepshrink.report import print_table
+
+    budget = BUDGETS[args.budget]
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    result = run_study(
+        args.out or f"runs/study-{budget.name}",
+        models,
+        resolve_methods(args.methods),
+        budget,
+        threads=args.threads,
+        workers=args.workers,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
+    print_table(result.rows, STUDY_COLUMNS, title=f"study ({budget.name}), {result.wall_s / 60:.1f} min")
+    failed = [r for r in result.rows if r["status"] != "ok"]
+    for row in failed:
+        print(f"{row['model']} / {row['method']}: {row['status']}")
+    print(f"wrote {result.out_dir / 'study.md'}, {result.out_dir / 'study.json'} and {result.out_dir / 'report.html'}")
+    return 1 if failed else 0

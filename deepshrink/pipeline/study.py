@@ -1,0 +1,320 @@
+"""The comparative study: every model x every method (each method is a shipped
+recipe), measured the same way, side by side.
+
+Each cell runs in its own worker process (a fresh process per cell, so its peak
+memory and time are its own) and appends one JSON line to ``cells.jsonl`` in the
+study folder; a re-run skips the cells already there, so a stopped study resumes.
+The end writes ``study.json``, ``study.md`` and a self-contained ``report.html``.
+"""
+
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepshrink.core.errors import DeepShrinkError, InputError
+from deepshrink.pipeline.recipe import Recipe, load_recipe, parse_recipe
+
+STUDY_MODELS = ("lenet5", "resnet20", "vgg", "mobilenetv2")
+# study method name -> shipped recipe
+STUDY_METHODS = {
+    "unstructured prune": "prune-unstructured",
+    "structured prune": "prune-structured-50",
+    "int8 PTQ": "int8-ptq",
+    "4-bit QAT": "qat-4bit",
+    "KD student": "kd-student",
+    "Tucker": "tucker",
+    "k-means share + Huffman": "kmeans-huffman",
+    "combined prune+KD+int8": "combined",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of each recipe a study runs: training images, epochs per training, test images."""
+
+    name: str
+    models: tuple[str, ...]
+    train_images: int | None  # None: the whole training split
+    test_images: int | None  # None: the whole test set
+    max_epochs: int | None  # caps every ``epochs`` in a recipe; None: as written
+    latency_repeats: int
+
+
+BUDGETS = {
+    "quick": Budget("quick", ("lenet5", "resnet20"), train_images=2000, test_images=2000, max_epochs=1, latency_repeats=10),
+    "full": Budget("full", STUDY_MODELS, train_images=20000, test_images=None, max_epochs=3, latency_repeats=30),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    recipe: str  # a shipped recipe name or a YAML path
+    budget: Budget
+    out_dir: str
+    threads: int
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.method}"
+
+
+def cap_epochs(source: dict, max_epochs: int | None) -> dict:
+    """A copy of a recipe's YAML with every ``epochs`` value capped (the study's time budget)."""
+    if max_epochs is None:
+        return source
+    if isinstance(source, dict):
+        return {k: (min(v, max_epochs) if k == "epochs" and isinstance(v, int) else cap_epochs(v, max_epochs)) for k, v in source.items()}
+    if isinstance(source, list):
+        return [cap_epochs(v, max_epochs) for v in source]
+    return source
+
+
+def budgeted_recipe(name_or_path: str, budget: Budget) -> Recipe:
+    recipe = load_recipe(name_or_path)
+    return parse_recipe(cap_epochs(recipe.source, budget.max_epochs), recipe.name)
+
+
+def resolve_methods(spec: str | None) -> dict[str, str]:
+    """``--methods``: study method names or recipe names/paths, comma-separated; default all."""
+    if not spec:
+        return dict(STUDY_METHODS)
+    by_recipe = {recipe: method for method, recipe in STUDY_METHODS.items()}
+    chosen = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in STUDY_METHODS:
+            chosen[item] = STUDY_METHODS[item]
+        else:
+            load_recipe(item)  # fails with the list of shipped recipes
+            chosen[by_recipe.get(item, item)] = item
+    return chosen
+
+
+# -- one cell, in a worker process ------------------------------------------------
+
+
+def run_cell(cell: Cell) -> dict:
+    """Run one model x method and measure it; never raises (a failure is the row's status)."""
+    start = time.perf_counter()
+    row = {"model": cell.model, "method": cell.method, "recipe": cell.recipe, "budget": cell.budget.name}
+    try:
+        row.update(_measure_cell(cell))
+        row["status"] = "ok"
+    except DeepShrinkError as exc:
+        row["status"] = f"error: {exc}"
+    except Exception as exc:  # a bug in one cell must not lose the others; keep the trace for the log
+        row["status"] = f"error: {type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc()
+    row["wall_s"] = time.perf_counter() - start
+    return row
+
+
+def _measure_cell(cell: Cell) -> dict:
+    from deepshrink.data.datasets import load_data
+    from deepshrink.models import architecture_of, create_model
+    from deepshrink.pipeline.runner import run_recipe
+
+    torch.set_num_threads(cell.threads)
+    data = load_data(cell.dataset, cell.data_dir, train_subset=cell.budget.train_images, test_subset=cell.budget.test_images)
+    recipe = budgeted_recipe(cell.recipe, cell.budget)
+    model = create_model(cell.model, pretrained=True)
+    run_dir = Path(cell.out_dir) / "runs" / f"{cell.model}-{recipe.name}"
+    result = run_recipe(model, recipe, data, run_dir, architecture_of(cell.model), progress=False, model_name=cell.model)
+    return _cell_metrics(model, result, data, cell)
+
+
+def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
+    from deepshrink.evaluate.flops import count_compute
+    from deepshrink.evaluate.latency import ort_latency, ort_peak_memory
+    from deepshrink.export.onnx import ort_session
+
+    final = result.rows[-1]
+    shape = tuple(data.test.images.shape[1:])
+    archive = result.archive_path
+    compute = count_compute(result.model, shape)
+    session = ort_session(result.onnx_path, cell.threads)
+    latency = {b: ort_latency(session, shape, b, cell.budget.latency_repeats).median_ms for b in (1, 64)}
+    original_bytes = 4 * sum(p.numel() for p in original.parameters())
+    return {
+        "top1": final.top1,
+        "top5": final.top5,
+        "onnx_top1": result.onnx_top1,
+        "original_top1": result.rows[0].top1,
+        "params": final.params,
+        "nonzero_params": final.nonzero_params,
+        "bytes": archive.stat().st_size,
+        "archive": archive.name,
+        "compression_ratio": original_bytes / archive.stat().st_size,
+        "macs": compute.macs,
+        "effective_macs": compute.effective_macs,
+        "flops": compute.flops,
+        "latency_b1_ms": latency[1],
+        "latency_b64_ms": latency[64],
+        "peak_rss_mb": ort_peak_memory(result.onnx_path.read_bytes(), shape, 64, cell.threads) / 2**20,
+        "seconds": sum(r.seconds for r in result.rows),
+        "onnx_bytes": result.onnx_path.stat().st_size,
+        "run_dir": str(result.out_dir),
+    }
+
+
+# -- the grid -------------------------------------------------------------------
+
+
+@dataclass
+class StudyResult:
+    out_dir: Path
+    rows: list[dict]
+    budget: Budget
+    wall_s: float
+
+
+def read_cells(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: that cell runs again
+    return rows
+
+
+def default_workers(threads: int) -> int:
+    """Parallel cells where cores allow: one per ``threads`` cores."""
+    return max(1, (os.cpu_count() or 1) // threads)
+
+
+def run_study(
+    out_dir: str | Path,
+    models: tuple[str, ...] | None = None,
+    methods: dict[str, str] | None = None,
+    budget: Budget = BUDGETS["quick"],
+    threads: int = 2,
+    workers: int | None = None,
+    dataset: str = "fashion-mnist",
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> StudyResult:
+    from deepshrink.models import list_models
+
+    models = models or budget.models
+    unknown = [m for m in models if m not in list_models()]
+    if unknown:
+        raise InputError(f"--models: unknown model(s) {unknown}; known: {', '.join(list_models())}")
+    methods = methods or dict(STUDY_METHODS)
+    for recipe in methods.values():
+        budgeted_recipe(recipe, budget)  # every recipe validates before any cell starts
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells_path = out_dir / "cells.jsonl"
+    done = {f"{r['model']}/{r['method']}": r for r in read_cells(cells_path) if r.get("budget") == budget.name and r.get("status") == "ok"}
+    todo = [
+        Cell(m, method, recipe, budget, str(out_dir), threads, dataset, data_dir)
+        for m in models
+        for method, recipe in methods.items()
+        if f"{m}/{method}" not in done
+    ]
+    start = time.perf_counter()
+    for row in _run_cells(todo, workers or default_workers(threads), progress):
+        with cells_path.open("a") as handle:  # one line per finished cell: the resume point
+            handle.write(json.dumps(row) + "\n")
+        done[f"{row['model']}/{row['method']}"] = row
+    ordered = [done[f"{m}/{method}"] for m in models for method in methods if f"{m}/{method}" in done]
+    result = StudyResult(out_dir, ordered, budget, time.perf_counter() - start)
+    write_study_reports(result)
+    return result
+
+
+def _run_cells(cells: list[Cell], workers: int, progress: bool):
+    """Yield each cell's row as it finishes; a fresh spawned process per cell."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not cells:
+        return
+    context = multiprocessing.get_context("spawn")
+    columns = (TextColumn("study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, disable=not progress) as bar, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
+        task = bar.add_task("", total=len(cells))
+        futures = {pool.submit(run_cell, cell): cell for cell in cells}
+        for future in as_completed(futures):
+            row = future.result()
+            bar.update(task, advance=1, description=f"{row['model']} / {row['method']}: {row['status'][:60]}")
+            yield row
+
+
+# -- reports --------------------------------------------------------------------
+
+
+def write_study_reports(result: StudyResult) -> None:
+    from deepshrink.evaluate.environment import environment
+    from deepshrink.export.onnx import write_atomic
+    from deepshrink.report import write_html_report
+    from deepshrink.report.tables import markdown_table
+
+    env = environment()
+    payload = {"budget": asdict(result.budget), "environment": env, "wall_s": result.wall_s, "rows": result.rows}
+    write_atomic(result.out_dir / "study.json", (json.dumps(payload, indent=2, default=str) + "\n").encode())
+    text = f"# Comparative study ({result.budget.name} budget)\n\n" + _budget_note(result.budget) + "\n\n"
+    text += markdown_table(result.rows, STUDY_COLUMNS) + STUDY_NOTES
+    write_atomic(result.out_dir / "study.md", text.encode())
+    clean = [{k: v for k, v in r.items() if k != "traceback"} for r in result.rows]
+    write_html_report(
+        result.out_dir / "report.html",
+        f"deepshrink study ({result.budget.name})",
+        study_rows=clean,
+        notes_markdown=_budget_note(result.budget) + "\n\n" + STUDY_NOTES,
+        environment=env,
+    )
+
+
+def _budget_note(budget: Budget) -> str:
+    train = f"{budget.train_images:,} training images" if budget.train_images else "the whole training split"
+    test = f"{budget.test_images:,} test images" if budget.test_images else "the whole test set"
+    epochs = f"every training capped at {budget.max_epochs} epoch(s)" if budget.max_epochs else "epochs as the recipes set them"
+    return f"Budget `{budget.name}`: {train}, {epochs}, Top-1 on {test}; ORT latency median of {budget.latency_repeats} runs."
+
+
+def _study_columns():
+    from deepshrink.report.tables import Column
+
+    return [
+        Column("model", lambda r: r["model"]),
+        Column("method", lambda r: r["method"] if r["status"] == "ok" else f"{r['method']} ({r['status'][:80]})"),
+        Column("Top-1 %", lambda r: r.get("top1"), "{:.2f}"),
+        Column("Top-5 %", lambda r: r.get("top5"), "{:.2f}"),
+        Column("params", lambda r: r.get("params"), "{:,}"),
+        Column("non-zero", lambda r: r.get("nonzero_params"), "{:,}"),
+        Column("bytes", lambda r: r.get("bytes"), "{:,}"),
+        Column("ratio", lambda r: r.get("compression_ratio"), "{:.1f}x"),
+        Column("MMACs", lambda r: None if r.get("macs") is None else r["macs"] / 1e6, "{:.2f}"),
+        Column("eff. MMACs", lambda r: None if r.get("effective_macs") is None else r["effective_macs"] / 1e6, "{:.2f}"),
+        Column("ORT b1 ms", lambda r: r.get("latency_b1_ms"), "{:.3f}"),
+        Column("ORT b64 ms", lambda r: r.get("latency_b64_ms"), "{:.2f}"),
+        Column("peak MB", lambda r: r.get("peak_rss_mb"), "{:.1f}"),
+        Column("time s", lambda r: r.get("seconds"), "{:.0f}"),
+    ]
+
+
+STUDY_COLUMNS = _study_columns()
+STUDY_NOTES = """
+Bytes are the file on disk that stores the compressed model: the `.dsz` archive
+(pruned/shared models), bit-packed integer weights (quantized models) or the fp32
+safetensors (structure-changing methods: fewer channels, factorised layers, a student).
+The ratio divides the original's fp32 weight bytes by it. Top-1 is PyTorch's on the
+final model (for `.dsz` runs, the model decoded from the file); ORT latency is the
+final ONNX file in ONNX Runtime (QDQ int8 for quantized models); peak MB is the
+memory to create that ONNX Runtime session and run a batch of 64; time is the
+compression and fine-tuning time of the recipe's steps.
+"""

@@ -1,0 +1,117 @@
+"""The comparative study: budgets, method resolution, one small grid end to end
+(metrics measured from the files on disk), resume, and the reports it writes."""
+
+import json
+
+import pytest
+
+from deepshrink import cli
+from deepshrink.core.errors import InputError
+from deepshrink.pipeline.study import BUDGETS, STUDY_METHODS, Budget, budgeted_recipe, cap_epochs, resolve_methods, run_study
+
+unit = pytest.mark.unit
+flow = pytest.mark.flow
+
+TINY = Budget("tiny", ("lenet5",), train_images=600, test_images=400, max_epochs=1, latency_repeats=3)
+
+
+@unit
+def test_cap_epochs_caps_every_training_and_keeps_the_rest():
+    source = {"steps": [{"prune": {"sparsity": 0.9, "finetune": {"epochs": 8, "lr": 0.02}}}, {"distill": {"train": {"epochs": 1}}}]}
+    capped = cap_epochs(source, 2)
+    assert capped["steps"][0]["prune"] == {"sparsity": 0.9, "finetune": {"epochs": 2, "lr": 0.02}}
+    assert capped["steps"][1]["distill"]["train"]["epochs"] == 1
+    assert source["steps"][0]["prune"]["finetune"]["epochs"] == 8  # the recipe itself is untouched
+    assert cap_epochs(source, None) is source
+
+
+@unit
+def test_every_study_method_is_a_valid_shipped_recipe():
+    for recipe in STUDY_METHODS.values():
+        capped = budgeted_recipe(recipe, BUDGETS["quick"])
+        epochs = [v for _, cfg in capped.steps for v in _epochs(cfg.to_dict())]
+        assert all(e <= 1 for e in epochs)
+
+
+def _epochs(tree):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "epochs":
+                yield value
+            else:
+                yield from _epochs(value)
+
+
+@unit
+def test_resolve_methods():
+    assert resolve_methods(None) == STUDY_METHODS
+    assert resolve_methods("int8 PTQ,tucker") == {"int8 PTQ": "int8-ptq", "Tucker": "tucker"}
+    with pytest.raises(InputError, match="not found; shipped recipes"):
+        resolve_methods("no-such-method")
+
+
+@unit
+def test_unknown_model_is_an_error_before_anything_runs(tmp_path):
+    with pytest.raises(InputError, match="unknown model"):
+        run_study(tmp_path / "s", ("resnet99",), {"int8 PTQ": "int8-ptq"}, TINY, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    methods = {"int8 PTQ": "int8-ptq", "unstructured prune": "prune-unstructured", "structured prune": "prune-structured-50"}
+    return run_study(out, ("lenet5",), methods, TINY, threads=1, workers=2, progress=False)
+
+
+@flow
+def test_study_cells_measure_the_files_on_disk(study):
+    assert [r["method"] for r in study.rows] == ["int8 PTQ", "unstructured prune", "structured prune"]
+    by_method = {r["method"]: r for r in study.rows}
+    for row in study.rows:
+        assert row["status"] == "ok", row.get("traceback", row["status"])
+        archive = study.out_dir / "runs" / f"lenet5-{row['recipe']}" / row["archive"]
+        assert row["bytes"] == archive.stat().st_size
+        assert row["compression_ratio"] == pytest.approx(4 * 61706 / row["bytes"])  # lenet5: 61,706 fp32 weights
+        assert 0 < row["latency_b1_ms"] < row["latency_b64_ms"]
+        assert row["effective_macs"] <= row["macs"] and row["seconds"] > 0
+        assert abs(row["onnx_top1"] - row["top1"]) < 1.5
+    assert by_method["int8 PTQ"]["archive"] == "model.qpack.safetensors" and by_method["int8 PTQ"]["compression_ratio"] > 3.5
+    assert by_method["unstructured prune"]["nonzero_params"] < 0.2 * by_method["unstructured prune"]["params"]
+    assert by_method["structured prune"]["params"] < 0.5 * by_method["int8 PTQ"]["params"]  # channels removed
+    assert by_method["structured prune"]["macs"] < by_method["int8 PTQ"]["macs"]
+
+
+@flow
+def test_study_writes_reports(study):
+    payload = json.loads((study.out_dir / "study.json").read_text())
+    assert payload["budget"]["name"] == "tiny" and len(payload["rows"]) == 3 and "versions" in payload["environment"]
+    text = (study.out_dir / "study.md").read_text()
+    assert text.count("| lenet5 |") == 3
+    html = (study.out_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "structured prune" in html
+
+
+@flow
+def test_study_resumes_without_rerunning_finished_cells(study):
+    lines = (study.out_dir / "cells.jsonl").read_text().splitlines()
+    (study.out_dir / "cells.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # as if killed mid-write
+    methods = {"int8 PTQ": "int8-ptq", "unstructured prune": "prune-unstructured", "structured prune": "prune-structured-50"}
+    again = run_study(study.out_dir, ("lenet5",), methods, TINY, threads=1, workers=1, progress=False)
+    rerun = {r["method"] for r in again.rows if r["wall_s"] != next(x["wall_s"] for x in study.rows if x["method"] == r["method"])}
+    finished = {json.loads(line)["method"] for line in lines[:2]}
+    assert rerun == {"int8 PTQ", "unstructured prune", "structured prune"} - finished
+    assert [r["status"] for r in again.rows] == ["ok"] * 3
+
+
+@flow
+def test_study_cli_reports_a_failed_cell_and_exits_nonzero(tmp_path, capsys):
+    bad = tmp_path / "nothing.yaml"  # valid YAML, but its scope matches no layer of the model
+    bad.write_text("name: nothing\nversion: 1\nsteps:\n  - prune: {sparsity: 0.5, scope: {include: '^no_such_layer$'}}\n")
+    out = tmp_path / "s"
+    code = cli.main(["study", "--models", "lenet5", "--methods", f"int8-ptq,{bad}", "--out", str(out), "--no-progress", "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert f"lenet5 / {bad}: error:" in printed
+    rows = {r["method"]: r for r in json.loads((out / "study.json").read_text())["rows"]}
+    assert rows["int8 PTQ"]["status"] == "ok" and rows[str(bad)]["status"].startswith("error:")
