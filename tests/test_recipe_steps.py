@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from deepshrink.compress.quant.config import resolve_reduce_range
 from deepshrink.data import load_data
 from deepshrink.models import create_model
 from deepshrink.models.weights import load_weights
@@ -23,6 +24,8 @@ from deepshrink.pipeline.runner import run_recipe
 
 flow = pytest.mark.flow
 ROOT = Path(__file__).resolve().parents[1]
+# 8-bit weights are stored on 7 bits where ONNX Runtime's kernels need it (CPUs without VNNI)
+EIGHT_BIT_STORAGE = 7 if resolve_reduce_range(None) else 8
 ONE_EPOCH = {"epochs": 1, "lr": 0.01, "batch_size": 64, "schedule": "constant"}
 
 
@@ -38,11 +41,11 @@ def run(steps: list[dict], data, out: Path, model_name: str = "lenet5"):
 
 @flow
 def test_student_distilled_from_the_original(data, tmp_path):
-    train = {"epochs": 2, "lr": 0.05, "batch_size": 32, "schedule": "constant"}
+    train = {"epochs": 3, "lr": 0.01, "batch_size": 32, "schedule": "onecycle"}
     result = run([{"student": {"model": "auto"}}, {"distill": {"train": train}}], data, tmp_path / "r")
     student = create_model("lenet_small")
     assert result.rows[-1].params == sum(p.numel() for p in student.parameters())
-    assert result.rows[-1].top1 > 30.0  # an untrained student is at 10%; 2 KD epochs on 1000 images lift it well above
+    assert result.rows[-1].top1 > 30.0  # an untrained student is at 10%; 3 KD epochs on 1000 images lift it well above
     assert result.onnx_path.is_file() and result.onnx_max_abs_diff < 1e-4
     assert result.archive_path.name == "step2_distill.safetensors"
 
@@ -67,7 +70,7 @@ def test_int8_ptq_recipe_packs_integers_and_runs_in_onnxruntime(data, tmp_path):
     ops = {node.op_type for node in onnx.load(result.onnx_path).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     layers = json.loads((tmp_path / "r" / "report.json").read_text())["layers"]
-    assert {entry.get("bits") for entry in layers.values()} == {8}
+    assert {entry.get("bits") for entry in layers.values()} == {EIGHT_BIT_STORAGE}
 
 
 @flow
@@ -80,7 +83,7 @@ def test_qat_step_resumes_from_its_checkpoint(data, tmp_path):
     assert again.rows[1].top1 == first.rows[1].top1 and again.onnx_top1 == first.onnx_top1
     assert again.rows[-1].dsz_bytes == first.rows[-1].dsz_bytes
     bits = {entry.get("bits") for entry in json.loads((tmp_path / "r" / "report.json").read_text())["layers"].values()}
-    assert bits == {4, 8}  # first and last layer kept at 8 bits
+    assert bits == {4, EIGHT_BIT_STORAGE}  # first and last layer kept at 8 bits
 
 
 @flow
@@ -98,14 +101,14 @@ RESUME_RECIPE = {
     "seed": 7,
     "steps": [
         {"prune": {"sparsity": 0.7}},
-        {"distill": {"train": {"epochs": 8, "lr": 0.01, "batch_size": 64, "schedule": "cosine"}}},
+        {"distill": {"train": {"epochs": 10, "lr": 0.01, "batch_size": 64, "schedule": "cosine"}}},
         {"pack": {}},
     ],
 }
 
 
 def compress_command(recipe: Path, out: Path) -> list[str]:
-    flags = ["--train-subset", "4000", "--test-subset", "500", "--threads", "1", "--no-progress"]
+    flags = ["--train-subset", "3000", "--test-subset", "300", "--threads", "1", "--no-progress"]
     return [sys.executable, "-m", "deepshrink.cli", "compress", "lenet5", "--recipe", str(recipe), "--out", str(out), *flags]
 
 
@@ -115,7 +118,7 @@ def kill_during_distill(command: list[str], out: Path) -> None:
     while not (out / "step1_prune.safetensors").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step finished"
         time.sleep(0.05)
-    time.sleep(1.0)  # well inside the 8 distillation epochs
+    time.sleep(0.5)  # well inside the 10 distillation epochs
     assert proc.poll() is None, "the run finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
