@@ -15,6 +15,8 @@ The public API, one verb per family::
 
 from torch import nn
 
+from deepshrink.compress.distill import Distill
+from deepshrink.compress.lowrank import Decompose
 from deepshrink.compress.prune import MagnitudePrune
 from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, load_quantized_model, save_quantized_model
 from deepshrink.compress.quant.dynamic import DynamicQuant
@@ -27,8 +29,10 @@ from deepshrink.evaluate import evaluate
 from deepshrink.export import export_onnx
 from deepshrink.export.qdq import export_quantized_onnx
 from deepshrink.models import create_model, list_models, load_user_model
+from deepshrink.pipeline.auto import AutoOptions, auto_compress
 from deepshrink.pipeline.recipe import load_recipe
 from deepshrink.pipeline.runner import run_recipe
+from deepshrink.pipeline.study import run_study
 from deepshrink.train import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -53,8 +57,21 @@ def quantize(
     return apply_method(model, config, Context(data, progress, calib))
 
 
+def distill(model: nn.Module, config: Distill, teacher: nn.Module, data, progress: bool = True) -> nn.Module:
+    """A copy of ``model`` (the student) trained with knowledge distillation from ``teacher``."""
+    return apply_method(model, config, Context(data, progress, teacher=teacher))
+
+
+def decompose(model: nn.Module, config: Decompose, data=None, progress: bool = True) -> nn.Module:
+    """A low-rank (SVD / Tucker-2 / CP) copy of ``model``; ``data`` is needed when the config fine-tunes."""
+    return apply_method(model, config, Context(data, progress))
+
+
 __all__ = [
+    "AutoOptions",
     "CalibrationSet",
+    "Decompose",
+    "Distill",
     "DeepShrinkError",
     "DynamicQuant",
     "InputError",
@@ -64,7 +81,10 @@ __all__ = [
     "PTQ",
     "QAT",
     "TrainConfig",
+    "auto_compress",
     "create_model",
+    "decompose",
+    "distill",
     "evaluate",
     "export_onnx",
     "export_quantized_onnx",
@@ -77,6 +97,7 @@ __all__ = [
     "prune",
     "quantize",
     "run_recipe",
+    "run_study",
     "save_quantized_model",
     "share",
     "train",

@@ -22,7 +22,11 @@ MALFORMED = [
     ("sparsity above 1", recipe({"prune": {"sparsity": 1.5}}), "steps[0].prune.sparsity"),
     ("sparsity not a number", recipe({"prune": {"sparsity": "high"}}), "steps[0].prune.sparsity"),
     ("misspelt option", recipe({"prune": {"sparsty": 0.5}}), "steps[0].prune: unknown key(s) ['sparsty']"),
-    ("misspelt nested option", recipe({"prune": {"sparsity": 0.5, "finetune": {"epoch": 3}}}), "steps[0].prune.finetune: unknown key(s) ['epoch']"),
+    (
+        "misspelt nested option",
+        recipe({"prune": {"sparsity": 0.5, "finetune": {"epoch": 3}}}),
+        "steps[0].prune.finetune: unknown key(s) ['epoch']",
+    ),
     ("negative epochs", recipe({"finetune": {"train": {"epochs": -1}}}), "steps[0].finetune.train"),
     ("zero learning rate", recipe({"finetune": {"train": {"lr": 0}}}), "steps[0].finetune.train"),
     ("1-bit PTQ weights", recipe({"quantize": {"weight_bits": 1}}), "steps[0].quantize.weight_bits"),
@@ -42,7 +46,11 @@ MALFORMED = [
     ("negative seed", recipe({"pack": {}}, seed=-3), "seed must be a non-negative integer"),
     ("two kinds in one step", recipe({"prune": {"sparsity": 0.5}, "share": {}}), "steps[0] must be a mapping with exactly one step kind"),
     ("options not a mapping", recipe({"prune": [0.5]}), "steps[0].prune: expected a mapping"),
-    ("prune after quantize", recipe({"quantize": {}}, {"prune": {"sparsity": 0.5}}), "steps[1].prune: a quantized model can only be packed"),
+    (
+        "prune after quantize",
+        recipe({"quantize": {}}, {"prune": {"sparsity": 0.5}}),
+        "steps[1].prune: a quantized model can only be packed",
+    ),
     ("step after pack", recipe({"pack": {}}, {"prune": {"sparsity": 0.5}}), "steps[1].prune: comes after pack"),
     ("untrained student", recipe({"student": {"model": "lenet_small"}}, {"export": {}}), "steps[0].student: an untrained student"),
     ("unknown student", recipe({"student": {"model": "resnet99"}}, {"distill": {"train": FINETUNE}}), "steps[0].student"),
@@ -73,4 +81,3 @@ def test_missing_recipe_file_lists_shipped_recipes(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not found" in err and "deep-compression" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
-

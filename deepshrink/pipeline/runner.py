@@ -200,6 +200,8 @@ def _run_steps(model: nn.Module, recipe: Recipe, data: DataBundle, out_dir: Path
         result.rows.append(_stage_row(STAGE_LABELS.get(kind, kind), model, data, time.perf_counter() - start))
         result.last_checkpoint = checkpoint
     result.model = model
+    if result.archive_path is None:  # no step changed the model: store it as it is
+        result.last_checkpoint = save_weights(model, out_dir / "model.safetensors")
     opted_out = any(isinstance(cfg, Pack) and not cfg.onnx for _, cfg in recipe.steps)
     if result.onnx_path is None and not opted_out:  # a run ends with an ONNX file of its final model
         _export_stage(model, data, out_dir, Export(), result)

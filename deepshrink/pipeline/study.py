@@ -10,6 +10,7 @@ The end writes ``study.json``, ``study.md`` and a self-contained ``report.html``
 import json
 import multiprocessing
 import os
+import resource
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,6 +26,7 @@ from deepshrink.pipeline.recipe import Recipe, load_recipe, parse_recipe
 STUDY_MODELS = ("lenet5", "resnet20", "vgg", "mobilenetv2")
 # study method name -> shipped recipe
 STUDY_METHODS = {
+    "original fp32": "baseline",
     "unstructured prune": "prune-unstructured",
     "structured prune": "prune-structured-50",
     "int8 PTQ": "int8-ptq",
@@ -136,7 +138,7 @@ def _measure_cell(cell: Cell) -> dict:
 
 def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
     from deepshrink.evaluate.flops import count_compute
-    from deepshrink.evaluate.latency import ort_latency, ort_peak_memory
+    from deepshrink.evaluate.latency import ort_latency
     from deepshrink.export.onnx import ort_session
 
     final = result.rows[-1]
@@ -161,7 +163,7 @@ def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
         "flops": compute.flops,
         "latency_b1_ms": latency[1],
         "latency_b64_ms": latency[64],
-        "peak_rss_mb": ort_peak_memory(result.onnx_path.read_bytes(), shape, 64, cell.threads) / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the cell's own process: kB -> MB
         "seconds": sum(r.seconds for r in result.rows),
         "onnx_bytes": result.onnx_path.stat().st_size,
         "run_dir": str(result.out_dir),
@@ -315,6 +317,6 @@ safetensors (structure-changing methods: fewer channels, factorised layers, a st
 The ratio divides the original's fp32 weight bytes by it. Top-1 is PyTorch's on the
 final model (for `.dsz` runs, the model decoded from the file); ORT latency is the
 final ONNX file in ONNX Runtime (QDQ int8 for quantized models); peak MB is the
-memory to create that ONNX Runtime session and run a batch of 64; time is the
+peak resident memory of the cell's worker process (compression, fine-tuning and measuring); time is the
 compression and fine-tuning time of the recipe's steps.
 """
