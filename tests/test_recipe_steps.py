@@ -71,6 +71,8 @@ def test_int8_ptq_recipe_packs_integers_and_runs_in_onnxruntime(data, tmp_path):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     layers = json.loads((tmp_path / "r" / "report.json").read_text())["layers"]
     assert {entry.get("bits") for entry in layers.values()} == {EIGHT_BIT_STORAGE}
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # the stage chart and the per-layer bits chart
 
 
 @flow

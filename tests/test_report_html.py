@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
+from deepshrink.core import files as core_files
 from deepshrink.report import html as report_html
 from deepshrink.report import pareto_front, pareto_png, study_pngs, write_html_report
 from deepshrink.report.plots import PARETO_AXES, plottable
@@ -226,7 +227,7 @@ def test_failed_write_keeps_the_old_report_and_no_temp_file(tmp_path: Path, monk
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_html.os, "replace", broken_replace)
+    monkeypatch.setattr(core_files.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_html_report(path, "new", notes_markdown="no plots: keeps this test fast")
     assert path.read_bytes() == b"old report"

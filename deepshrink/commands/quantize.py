@@ -23,7 +23,7 @@ def add_commands(sub) -> None:
     p.add_argument("--observer", choices=["minmax", "moving_average", "percentile", "mse", "entropy"], default="mse")
     p.add_argument("--size-fraction", type=float, default=1 / 6, help="mixed: model size budget as a fraction of fp32")
     p.add_argument("--epochs", type=int, default=3, help="QAT epochs")
-    p.add_argument("--lr", type=float, default=0.01, help="QAT peak learning rate")
+    p.add_argument("--lr", type=float, default=0.002, help="QAT peak learning rate (BN is folded: 0.01 diverges)")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="output folder (default: runs/quantize-<model>-<scheme>)")
     p.add_argument("--train-subset", type=int, default=None)

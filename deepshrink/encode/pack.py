@@ -10,6 +10,7 @@ Every other tensor is stored raw. The manifest is JSON and names an
 architecture (a zoo model or a ``module:function``), never code to execute.
 """
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,3 +252,15 @@ def unpack(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     except RuntimeError as exc:
         raise DszError(f"{path}: archive does not match the model ({str(exc).splitlines()[0]})") from None
     return model.eval()
+
+
+def pack_verified(model: nn.Module, path: str | Path, architecture: dict | None = None) -> tuple[PackReport, nn.Module]:
+    """``pack``, then decode the file into a copy of ``model`` and check every tensor came back
+    exactly; returns the report and the decoded model (what the file really holds)."""
+    report = pack(model, path, architecture)
+    decoded = unpack(report.path, copy.deepcopy(model))
+    restored = decoded.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not torch.equal(tensor, restored[name]):
+            raise RuntimeError(f"pack/unpack round trip changed tensor {name!r}")  # a bug, never user error
+    return report, decoded

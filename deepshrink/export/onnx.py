@@ -5,8 +5,6 @@ written atomically; ``verify_onnx`` compares ORT's output with torch's.
 """
 
 import io
-import os
-import secrets
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from deepshrink.core.errors import DeepShrinkError
+from deepshrink.core.files import write_atomic  # noqa: F401  (re-exported: callers import it from here)
 
 OPSET = 17
 
@@ -28,21 +27,6 @@ class ExportError(DeepShrinkError):
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = OPSET) -> Path:
     """Export ``model`` (eval mode) with a dynamic batch axis; returns the path written."""
     return write_atomic(path, onnx_bytes(model, input_shape, opset))
-
-
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write through a uniquely named temporary file in the same folder, then
-    rename: an interrupt or error never leaves half a file (nor the temp file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET, constant_folding: bool = True) -> bytes:

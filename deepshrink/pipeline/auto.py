@@ -60,11 +60,11 @@ from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data.datasets import DataBundle, ImageSet
 from deepshrink.encode.container import read_archive
-from deepshrink.encode.pack import pack, unpack
+from deepshrink.encode.pack import pack, pack_verified
 from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.evaluate.environment import environment
 from deepshrink.evaluate.latency import ort_latency
-from deepshrink.export.onnx import export_onnx, onnx_bytes, ort_session
+from deepshrink.export.onnx import export_onnx, onnx_bytes, ort_session, write_atomic
 from deepshrink.report.tables import Column, markdown_table
 from deepshrink.train import TrainConfig, Trainer
 
@@ -807,12 +807,7 @@ def _check_reachable(model: nn.Module, names: list[str], target: int, options: A
 def _finish(final, bits, data, gate, result: AutoResult, out_dir: Path, architecture, options: AutoOptions) -> None:
     """Pack, check the round trip, export ONNX of the decoded model, measure; then decide whether the budget is met."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = pack(final, out_dir / "model.dsz", architecture)
-    decoded = unpack(report.path, copy.deepcopy(final))
-    restored = decoded.state_dict()
-    for name, tensor in final.state_dict().items():
-        if not torch.equal(tensor, restored[name]):
-            raise RuntimeError(f"pack/unpack round trip changed tensor {name!r}")  # a bug, never user error
+    report, decoded = pack_verified(final, out_dir / "model.dsz", architecture)
     onnx_path = export_onnx(decoded, out_dir / "model.onnx", data.input_shape)
     result.paths = {"dsz": report.path, "onnx": onnx_path, "plan": out_dir / "plan.json"}
     result.bytes = report.file_bytes
@@ -839,9 +834,7 @@ def _verdict(r: AutoResult) -> tuple[bool, str]:
 
 # -- reports -----------------------------------------------------------------------------------------------
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def _fmt(value, spec: str) -> str:

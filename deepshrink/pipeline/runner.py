@@ -25,7 +25,7 @@ from deepshrink.core.config import Scope
 from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data.datasets import DataBundle
-from deepshrink.encode.pack import pack, unpack
+from deepshrink.encode.pack import pack, pack_verified
 from deepshrink.evaluate.accuracy import evaluate_accuracy, ort_top1
 from deepshrink.evaluate.environment import environment
 from deepshrink.export.onnx import export_onnx, ort_session, verify_onnx, write_atomic
@@ -126,9 +126,7 @@ def _stage_row(label: str, model: nn.Module, data: DataBundle, seconds: float, d
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def _check_resumable(out_dir: Path, recipe: Recipe) -> None:
@@ -214,12 +212,7 @@ def _pack_stage(model: nn.Module, data: DataBundle, out_dir: Path, architecture:
         _pack_quantized(model, data, out_dir, cfg, result)
         return
     start = time.perf_counter()
-    report = pack(model, out_dir / "model.dsz", architecture)
-    decoded = unpack(report.path, copy.deepcopy(model))
-    restored = decoded.state_dict()
-    for name, tensor in model.state_dict().items():
-        if not torch.equal(tensor, restored[name]):
-            raise RuntimeError(f"pack/unpack round trip changed tensor {name!r}")  # a bug, never user error
+    report, decoded = pack_verified(model, out_dir / "model.dsz", architecture)
     result.dsz_path = report.path
     seconds = time.perf_counter() - start
     result.rows.append(_stage_row("entropy coded .dsz", decoded, data, seconds, dsz_bytes=report.file_bytes))

@@ -7,12 +7,11 @@ show everything; that is why nothing is linked and nothing needs JavaScript.
 import base64
 import html
 import json
-import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from deepshrink.core.files import write_atomic
 from deepshrink.report.plots import layer_plan_png, stage_png, study_pngs
 from deepshrink.report.tables import Column
 
@@ -80,7 +79,7 @@ def write_html_report(
 ) -> Path:
     """Write the report to ``path`` atomically and return it; sections with no data are left out."""
     path = Path(path)
-    _write_atomic(path, render_html_report(title, study_rows, stage_rows, layer_plans, notes_markdown, environment))
+    write_atomic(path, render_html_report(title, study_rows, stage_rows, layer_plans, notes_markdown, environment).encode())
     return path
 
 
@@ -203,15 +202,3 @@ def _markdown(source: str) -> str:
         else:
             out.append(f"<p>{_inline(' '.join(line.strip() for line in lines))}</p>")
     return "\n".join(out) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: a reader never sees half a report, a crash leaves none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
