@@ -14,7 +14,6 @@ import pytest
 from matplotlib.image import imread
 
 from deepshrink.core import files as core_files
-from deepshrink.report import html as report_html
 from deepshrink.report import pareto_front, pareto_png, study_pngs, write_html_report
 from deepshrink.report.plots import PARETO_AXES, plottable
 
