@@ -165,8 +165,12 @@ def test_lsq_qat_learns_step_sizes_and_recovers_low_bit_accuracy(trained):
     model, data = trained
     calib = [data.train.images[:128]]
     ptq2 = apply_method(model, PTQ(weight_bits=2), Context(data, progress=False, calib=calib))
-    cfg = QAT(
-        weight_bits=2, keep_first_last=False, calib_samples=128, finetune=TrainConfig(epochs=3, lr=0.02, channels_last=False, batch_size=64)
+    cfg = QAT(  # LSQ for weights and activations (the activation default keeps calibrated steps)
+        weight_bits=2,
+        keep_first_last=False,
+        calib_samples=128,
+        activation_steps="lsq",
+        finetune=TrainConfig(epochs=3, lr=0.02, channels_last=False, batch_size=64),
     )
     qat2 = apply_method(model, cfg, Context(data, progress=False))
     before = [layer.weight_quant.scale.detach().clone() for _, layer in quant_layers(ptq2)]
