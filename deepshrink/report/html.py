@@ -67,8 +67,14 @@ STAGE_COLUMNS = [
 ]
 
 
-def write_html_report(
-    path: str | Path,
+def write_html_report(path: str | Path, title: str, **sections) -> Path:
+    """Write ``render_html_report(title, **sections)`` to ``path`` atomically and return it."""
+    path = Path(path)
+    write_atomic(path, render_html_report(title, **sections).encode())
+    return path
+
+
+def render_html_report(
     title: str,
     *,
     study_rows: Sequence[Mapping] | None = None,
@@ -76,22 +82,8 @@ def write_html_report(
     layer_plans: Mapping[str, Mapping[str, Mapping]] | None = None,
     notes_markdown: str = "",
     environment: Mapping[str, object] | None = None,
-) -> Path:
-    """Write the report to ``path`` atomically and return it; sections with no data are left out."""
-    path = Path(path)
-    write_atomic(path, render_html_report(title, study_rows, stage_rows, layer_plans, notes_markdown, environment).encode())
-    return path
-
-
-def render_html_report(
-    title: str,
-    study_rows: Sequence[Mapping] | None = None,
-    stage_rows: Sequence[Mapping] | None = None,
-    layer_plans: Mapping[str, Mapping[str, Mapping]] | None = None,
-    notes_markdown: str = "",
-    environment: Mapping[str, object] | None = None,
 ) -> str:
-    """The report as one HTML string (what ``write_html_report`` writes)."""
+    """The report as one HTML string; sections with no data are left out."""
     sections = [
         _study_section(study_rows) if study_rows else "",
         _stage_section(stage_rows) if stage_rows else "",

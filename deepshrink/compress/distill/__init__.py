@@ -1,6 +1,6 @@
 """Knowledge distillation: soft targets (Hinton), FitNets hints, a KD training hook and the distill task."""
 
-from deepshrink.compress.distill.distill import Distill, distill, finetune_with_kd, resolve_teacher
+from deepshrink.compress.distill.distill import Distill, distill, finetune_with_kd, resolve_teacher, restructure_and_finetune
 from deepshrink.compress.distill.hook import KD, KDHook, TeacherCache
 from deepshrink.compress.distill.losses import hint_loss, kd_loss, make_adapter, soft_target_loss
 
@@ -15,5 +15,6 @@ __all__ = [
     "kd_loss",
     "make_adapter",
     "resolve_teacher",
+    "restructure_and_finetune",
     "soft_target_loss",
 ]

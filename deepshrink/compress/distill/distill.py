@@ -6,7 +6,7 @@ student, the original the teacher).
 """
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,18 @@ def distill(
     student = copy.deepcopy(student)
     finetune_with_kd(student, config.train, data, copy.deepcopy(teacher), config.kd, progress=progress, checkpoint=checkpoint, cache=cache)
     return student
+
+
+def restructure_and_finetune(
+    model: nn.Module, restructure: Callable[[nn.Module], nn.Module], finetune: TrainConfig | None, kd: KD | None, ctx: Context
+) -> nn.Module:
+    """``restructure`` the model (factorise, substitute layers), then fine-tune it; with
+    ``kd`` the teacher is the model as it was before restructuring."""
+    teacher = copy.deepcopy(model) if kd is not None else None
+    model = restructure(model)
+    if finetune is not None:
+        finetune_with_kd(model, finetune, ctx.data, teacher, kd, progress=ctx.progress)
+    return model
 
 
 def resolve_teacher(name: str | None, ctx: Context) -> nn.Module:

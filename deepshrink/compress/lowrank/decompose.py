@@ -5,14 +5,13 @@ layers (groups 1). A layer whose factorisation would not cut its MACs is left
 as it is, and says so in the per-layer record.
 """
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from deepshrink.compress.distill import KD, finetune_with_kd
+from deepshrink.compress.distill import KD, restructure_and_finetune
 from deepshrink.compress.lowrank.layers import (
     FACTORISED,
     LowRankLinear,
@@ -251,8 +250,4 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 @register(Decompose)
 def _apply(model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
-    teacher = copy.deepcopy(model) if cfg.distill is not None else None
-    model, _ = decompose_model(model, cfg)
-    if cfg.finetune is not None:
-        finetune_with_kd(model, cfg.finetune, ctx.data, teacher, cfg.distill, progress=ctx.progress)
-    return model
+    return restructure_and_finetune(model, lambda m: decompose_model(m, cfg)[0], cfg.finetune, cfg.distill, ctx)

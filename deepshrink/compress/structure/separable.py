@@ -7,13 +7,12 @@ pointwise weights. A conv that is separable by construction is reproduced
 exactly; otherwise fine-tuning (or distillation) closes the gap.
 """
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from deepshrink.compress.distill import KD, finetune_with_kd
+from deepshrink.compress.distill import KD, restructure_and_finetune
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
@@ -103,8 +102,4 @@ def substitute_separable(model: nn.Module, cfg: Separable) -> tuple[nn.Module, d
 
 @register(Separable)
 def _apply(model: nn.Module, cfg: Separable, ctx: Context) -> nn.Module:
-    teacher = copy.deepcopy(model) if cfg.distill is not None else None
-    model, _ = substitute_separable(model, cfg)
-    if cfg.finetune is not None:
-        finetune_with_kd(model, cfg.finetune, ctx.data, teacher, cfg.distill, progress=ctx.progress)
-    return model
+    return restructure_and_finetune(model, lambda m: substitute_separable(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
