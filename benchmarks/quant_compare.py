@@ -10,7 +10,8 @@
   ONNX models are timed in interleaved rounds in this run.
 * qat: resnet20 quantization-aware training (LSQ) at 4 and 2 bits, ternary
   and binary weights (8-bit activations), and mixed precision chosen from
-  sensitivity under two size budgets (the uniform 4-bit model's and 1/6 of fp32).
+  Fisher-weighted sensitivity under three budgets of bytes on disk (the uniform
+  4-bit and 2-bit files' sizes, and 1/6 of the fp32 parameter bytes).
   Each finished configuration is saved, so a stopped run resumes.
 
 Writes benchmarks/results/quant_compare.{md,json}.
@@ -28,8 +29,6 @@ import torch
 from peers import ort_quantize_static
 
 from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, save_quantized_model
-from deepshrink.compress.quant.mixed import plan_fraction
-from deepshrink.compress.quant.qat import layer_plan
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
 from deepshrink.evaluate import evaluate_accuracy
@@ -137,16 +136,21 @@ def torch_ao_row(name: str, model, calib, data, repeats: int) -> dict:
 # -- QAT -------------------------------------------------------------------------
 
 
+MIXED_SETUP = {"mixed_budget": "bytes on disk", "sensitivity": "fisher"}  # older mixed rows are re-run
+
+
 def qat_configs(epochs: int, lr: float) -> dict[str, object]:
+    """The acceptance lines' configs. A mixed-precision entry names the uniform row whose
+    bytes on disk are its budget; mixed precision at 1/6 comes last (its pass is the slowest)."""
     train = TrainConfig(epochs=epochs, lr=lr, schedule="cosine", weight_decay=0.0)
-    uniform4 = QAT(weight_bits=4, finetune=train)
-    return {  # the acceptance lines' configs; mixed precision at 1/6 last (its sensitivity pass is the slowest)
-        "QAT LSQ w4a8": uniform4,
+    return {
+        "QAT LSQ w4a8": QAT(weight_bits=4, finetune=train),
         "QAT LSQ w2a8": QAT(weight_bits=2, finetune=train),
-        "mixed precision, size of uniform w4": "same-as-uniform4",
+        "mixed precision, size of uniform w4": "QAT LSQ w4a8",
+        "mixed precision, size of uniform w2": "QAT LSQ w2a8",
         "QAT ternary (TWN) a8": QAT(weight_quantizer="ternary", finetune=train),
         "QAT binary (BWN) a8": QAT(weight_quantizer="binary", finetune=train),
-        "mixed precision, 1/6 of fp32": MixedPrecision(size_fraction=1 / 6, sensitivity_samples=500, qat=QAT(finetune=train)),
+        "mixed precision, 1/6 of fp32": MixedPrecision(size_fraction=1 / 6, qat=QAT(finetune=train)),
     }
 
 
@@ -177,21 +181,19 @@ def qat_row(label: str, model, qmodel, data, threads: int, seconds: float) -> di
 def run_qat(data, threads: int, epochs: int, lr: float, previous: list[dict]) -> list[dict]:
     """QAT rows, reusing those of an earlier, interrupted run with the same set-up."""
     setup = {"epochs": epochs, "lr": lr, "train_images": len(data.train)}
-    done = {r["method"]: r for r in previous if r.get("setup") == setup}
-    model = create_model("resnet20", pretrained=True)
     configs = qat_configs(epochs, lr)
-    uniform4 = configs["QAT LSQ w4a8"]
+    setups = {label: {**setup, **MIXED_SETUP} if label.startswith("mixed") else setup for label in configs}
+    done = {r["method"]: r for r in previous if r.get("setup") == setups.get(r["method"])}
+    model = create_model("resnet20", pretrained=True)
     for label, cfg in configs.items():
         if label in done:
             continue
-        if cfg == "same-as-uniform4":  # the uniform 4-bit plan's size, from the same accounting the knapsack uses
-            bits, _ = layer_plan(model, uniform4)
-            mixed = configs["mixed precision, 1/6 of fp32"]
-            cfg = MixedPrecision(plan_fraction(model, bits, uniform4.scope), sensitivity_samples=500, qat=mixed.qat)
+        if isinstance(cfg, str):  # mixed precision in the bytes that uniform row takes on disk
+            cfg = MixedPrecision(done[cfg]["size_fraction"], qat=configs["mixed precision, 1/6 of fp32"].qat)
         print(f"== {label}", flush=True)
         start = time.perf_counter()
         qmodel = apply_method(model, cfg, Context(data, progress=False))
-        done[label] = {**qat_row(label, model, qmodel, data, threads, time.perf_counter() - start), "setup": setup}
+        done[label] = {**qat_row(label, model, qmodel, data, threads, time.perf_counter() - start), "setup": setups[label]}
         print(json.dumps({k: v for k, v in done[label].items() if k != "bit_plan"}), flush=True)
         save_json({"qat": list(done.values())})
     base = evaluate_accuracy(model, data.test).top1

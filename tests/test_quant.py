@@ -3,6 +3,8 @@ packed storage, and the QDQ ONNX that ONNX Runtime runs on integer kernels."""
 
 import itertools
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -227,8 +229,8 @@ def test_budget_accounting_and_too_small_budget():
 
 def test_mixed_precision_gives_sensitive_layers_more_bits(trained):
     model, data = trained
-    cfg = MixedPrecision(
-        size_fraction=0.2,
+    cfg = MixedPrecision(  # TinyResNet packs to 0.34 of fp32 at 2 bits, 0.50 at 8 (a 4.3 KB header on 15 KB)
+        size_fraction=0.42,
         candidate_bits=(2, 4, 8),
         sensitivity_samples=128,
         qat=QAT(calib_samples=128, finetune=TrainConfig(epochs=1, lr=0.01, channels_last=False)),
@@ -236,9 +238,13 @@ def test_mixed_precision_gives_sensitive_layers_more_bits(trained):
     qmodel = apply_method(model, cfg, Context(data, progress=False))
     plan = qmodel.bit_plan
     assert set(plan) == {name for name, _ in quant_layers(qmodel)}
-    assert plan_fraction(model, plan, cfg.qat.scope) <= 0.2 + 1e-6
+    assert len(set(plan.values())) > 1
+    with tempfile.TemporaryDirectory() as tmp:  # the budget holds for the bytes on disk, header included
+        assert save_quantized_model(qmodel, Path(tmp) / "m.safetensors") <= 0.42 * 4 * sum(p.numel() for p in model.parameters())
     most = max(plan, key=lambda n: qmodel.bit_sensitivity[n][2])
     assert plan[most] >= min(plan.values())
+    for name, by_bits in qmodel.bit_sensitivity.items():  # Fisher-weighted noise shrinks as bits grow
+        assert by_bits[2] > by_bits[4] > by_bits[8] >= 0, name
 
 
 def test_pretrained_lenet5_int8_ptq_within_half_a_point():

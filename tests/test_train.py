@@ -1,5 +1,7 @@
 """The training loop: learning, determinism, checkpoint resume, hooks and config validation."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -47,6 +49,20 @@ def test_training_with_validation_reports_val_metrics(learnable_set):
     result = Trainer(model_for(), TrainConfig(epochs=2, batch_size=64, lr=0.05), learnable_set, val, progress=False).fit()
     assert all({"val_top1", "val_loss", "train_loss", "train_top1", "lr"} <= h.keys() for h in result.history)
     assert result.history[-1]["val_top1"] > 50
+
+
+def test_grad_clip_bounds_every_step(learnable_set):
+    """Plain SGD moves the weights by at most lr x clip per step; without clipping far more."""
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.5, momentum=0.0, weight_decay=0.0, schedule="constant", channels_last=False)
+    steps = -(-len(learnable_set) // config.batch_size)
+    moved = {}
+    for clip in (None, 1e-3):
+        model = model_for()
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        train(model, learnable_set, replace(config, grad_clip=clip), progress=False)
+        moved[clip] = float((torch.nn.utils.parameters_to_vector(model.parameters()) - before).norm())
+    assert moved[1e-3] <= steps * 0.5 * 1e-3 * (1 + 1e-4)
+    assert moved[None] > 10 * moved[1e-3]
 
 
 def test_same_seed_same_weights(learnable_set):
@@ -197,6 +213,8 @@ def test_fit_restores_contiguous_format(learnable_set):
         ({"lr": float("nan")}, "lr"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"grad_clip": -1.0}, "grad_clip"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -1,13 +1,22 @@
 """Mixed precision: per-layer weight bits from measured sensitivity under a size budget.
 
-Sensitivity of layer l at b bits is the validation-loss increase when only that
-layer's weights drop from 8 to b bits (all activations at 8 bits). Bits are then
-allocated by an exact multiple-choice knapsack: minimise the summed sensitivity
-subject to the weight bits fitting the budget.
+Sensitivity of layer l at b bits is either
+
+- ``loss``: the validation-loss increase when only that layer's weights drop from
+  8 to b bits (all activations at 8 bits), or
+- ``fisher``: the second-order estimate 1/2 sum_i F_ii (Q_b(w_i) - w_i)^2 with F
+  the empirical Fisher diagonal of the validation loss (HAWQ-style). It is
+  additive over layers, which the knapsack assumes, and it does not saturate at
+  the loss noise floor the way one-layer-at-a-time loss deltas do.
+
+Bits are then allocated by an exact multiple-choice knapsack: minimise the summed
+sensitivity subject to the weight bits fitting the budget.
 """
 
 import math
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,23 +26,55 @@ from deepshrink.compress.quant.config import MixedPrecision, resolve_reduce_rang
 from deepshrink.compress.quant.modules import quant_layers
 from deepshrink.compress.quant.prepare import calibrate, prepare, weight_spec
 from deepshrink.compress.quant.ptq import calibration_batches
-from deepshrink.compress.quant.qat import qat
+from deepshrink.compress.quant.qat import prepare_qat, qat
+from deepshrink.compress.quant.storage import save_quantized_model
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
 from deepshrink.data.datasets import ImageSet
 from deepshrink.evaluate.accuracy import evaluate_accuracy
 
+MAX_BUDGET_PASSES = 4  # re-plans after packing for real; the file overhead is nearly constant, so 1-2 suffice
 MAX_DP_CELLS = 1 << 22  # exact for weight budgets up to 4 Mbit (resnet20 at 1/6 of fp32: 1.4 Mbit)
+
+
+FISHER_BATCH = 32  # small batches: the squared batch gradient then approximates the per-sample Fisher better
+
+
+def fisher_diagonal(qmodel: nn.Module, val: ImageSet) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the validation loss w.r.t. each quantized layer's weight."""
+    layers = dict(quant_layers(qmodel))
+    fisher = {name: torch.zeros_like(layer.weight) for name, layer in layers.items()}
+    qmodel.eval()
+    batches = 0
+    with torch.enable_grad():
+        for start in range(0, len(val), FISHER_BATCH):
+            qmodel.zero_grad(set_to_none=True)
+            logits = qmodel(val.images[start : start + FISHER_BATCH])
+            nn.functional.cross_entropy(logits, val.labels[start : start + FISHER_BATCH]).backward()
+            for name, layer in layers.items():
+                fisher[name] += layer.weight.grad.detach() ** 2
+            batches += 1
+    qmodel.zero_grad(set_to_none=True)
+    return {name: value / max(batches, 1) for name, value in fisher.items()}
 
 
 @torch.no_grad()
 def bit_sensitivity(
-    model: nn.Module, batches, val: ImageSet, candidate_bits: tuple[int, ...], scope, reduce_range: bool = False
+    model: nn.Module,
+    batches,
+    val: ImageSet,
+    candidate_bits: tuple[int, ...],
+    scope,
+    reduce_range: bool = False,
+    measure: str = "fisher",
 ) -> dict[str, dict[int, float]]:
-    """Validation-loss increase per (layer, bits) with every other layer at 8 bits."""
+    """Sensitivity per (layer, bits) with every other layer at 8 bits (see the module docstring)."""
     qmodel = prepare(model, 8, 8, scope, reduce_range=reduce_range)
     calibrate(qmodel, batches)
-    base = evaluate_accuracy(qmodel, val).loss
+    if measure == "fisher":
+        fisher = fisher_diagonal(qmodel, val)
+    else:
+        base = evaluate_accuracy(qmodel, val).loss
     result: dict[str, dict[int, float]] = {}
     for name, layer in quant_layers(qmodel):
         quant = layer.weight_quant
@@ -42,7 +83,11 @@ def bit_sensitivity(
         for bits in candidate_bits:
             quant.spec = weight_spec(min(bits, 7) if reduce_range else bits)
             quant.calibrate(layer.weight, "mse")
-            result[name][bits] = max(0.0, evaluate_accuracy(qmodel, val).loss - base)
+            if measure == "fisher":
+                noise = quant(layer.weight) - layer.weight
+                result[name][bits] = 0.5 * float((fisher[name] * noise**2).sum())
+            else:
+                result[name][bits] = max(0.0, evaluate_accuracy(qmodel, val).loss - base)
         quant.spec = saved[0]
         quant.scale.copy_(saved[1])
     return result
@@ -54,6 +99,9 @@ def allocate_bits(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int
     Exact multiple-choice knapsack by dynamic programming over the budget in bits
     (vectorised per option). Budgets above ``MAX_DP_CELLS`` bits are counted in
     coarser units with costs rounded up, so a plan always fits."""
+    smallest = sum(sizes[n] * min(o) for n, o in sensitivity.items())
+    if budget_bits < smallest:
+        raise InputError(f"size budget of {budget_bits / 8:.0f} bytes of weights is below the smallest plan ({smallest / 8:.0f} bytes)")
     unit = max(1.0, budget_bits / MAX_DP_CELLS)
     capacity = int(budget_bits // unit)
     best = np.full(capacity + 1, np.inf)
@@ -73,8 +121,7 @@ def allocate_bits(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int
         best = new
         picks.append(pick)
     end = int(np.argmin(best))
-    if math.isinf(best[end]):
-        smallest = sum(sizes[n] * min(o) for n, o in sensitivity.items())
+    if math.isinf(best[end]):  # costs rounded up to coarse units can overshoot a budget that fits exactly
         raise InputError(f"size budget of {budget_bits / 8:.0f} bytes of weights is below the smallest plan ({smallest / 8:.0f} bytes)")
     plan: dict[str, int] = {}
     for name, pick in zip(reversed(list(sensitivity)), reversed(picks), strict=True):
@@ -105,15 +152,34 @@ def plan_fraction(model: nn.Module, bits: dict[str, int], scope) -> float:
     return (sum(sizes[name] * b for name, b in bits.items()) + overhead_bits) / total_bits
 
 
+def packed_plan_bytes(model: nn.Module, plan: dict[str, int], cfg: MixedPrecision, batches) -> int:
+    """Bytes on disk of the bit-packed file this plan produces (quantizers calibrated, not trained)."""
+    qmodel = prepare_qat(model, replace(cfg.qat, layer_bits=plan, keep_first_last=False), batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_quantized_model(qmodel, Path(tmp) / "plan.safetensors")
+
+
 def plan_bits(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+    """The knapsack plan whose packed file fits ``size_fraction`` of the fp32 parameter bytes.
+
+    The knapsack counts weight bits plus an estimate of the rest; the file also holds
+    zero points and a header, so the plan is packed for real and, while the file is
+    too big, re-planned with its own weight bits less the excess."""
     if ctx.data is None:
         raise InputError("mixed precision needs data for its sensitivity analysis: pass data= (a DataBundle)")
     batches = calibration_batches(ctx, cfg.qat.calib_samples, ctx.calib)
     val = ctx.data.val.subset(cfg.sensitivity_samples)
     reduce_range = resolve_reduce_range(cfg.qat.reduce_range)
-    sensitivity = bit_sensitivity(model, batches, val, cfg.candidate_bits, cfg.qat.scope, reduce_range)
+    sensitivity = bit_sensitivity(model, batches, val, cfg.candidate_bits, cfg.qat.scope, reduce_range, cfg.sensitivity)
     budget, sizes = weight_budget_bits(model, cfg)
-    return allocate_bits(sensitivity, sizes, budget), sensitivity
+    target_bytes = cfg.size_fraction * 4 * sum(p.numel() for p in model.parameters())
+    for _ in range(MAX_BUDGET_PASSES):
+        plan = allocate_bits(sensitivity, sizes, budget)
+        excess = packed_plan_bytes(model, plan, cfg, batches) - target_bytes
+        if excess <= 0:
+            return plan, sensitivity
+        budget = sum(sizes[name] * bits for name, bits in plan.items()) - 8 * excess
+    raise InputError(f"no bit plan packs into {cfg.size_fraction:.4f} of the fp32 size ({target_bytes:,.0f} bytes)")
 
 
 @register(MixedPrecision)
