@@ -247,12 +247,15 @@ def test_mixed_precision_gives_sensitive_layers_more_bits(trained):
         assert by_bits[2] > by_bits[4] > by_bits[8] >= 0, name
 
 
-def test_pretrained_lenet5_int8_ptq_within_half_a_point():
+@pytest.mark.parametrize("observer", ["mse", "entropy", "percentile", "minmax"])
+def test_pretrained_lenet5_int8_ptq_within_half_a_point(observer):
+    """Every activation observer, with bias correction on. KL (entropy) ranges once clipped the
+    input at the background level and bias correction then folded that clipping into the biases."""
     from deepshrink.data import load_data
 
     data = load_data("fashion-mnist", test_subset=2000)
     model = create_model("lenet5", pretrained=True).eval()
-    qmodel = apply_method(model, PTQ(calib_samples=256), Context(data, progress=False))
+    qmodel = apply_method(model, PTQ(calib_samples=256, activation_observer=observer), Context(data, progress=False))
     fp32, int8 = (accuracy(m, data.test.images, data.test.labels) for m in (model, qmodel))
     assert int8 >= fp32 - 0.005
     session = ort_session(quantized_onnx_bytes(qmodel, SHAPE), 1)

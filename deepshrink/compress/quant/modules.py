@@ -274,10 +274,12 @@ def frozen_for_export(model: nn.Module) -> Iterator[None]:
             layer.weight_quant.unfreeze()
 
 
-def set_quantization(model: nn.Module, enabled: bool) -> None:
-    """Switch every quantizer off (fp32 reference through the same graph) or back on."""
+def set_quantization(model: nn.Module, enabled: bool, activations: bool | None = None) -> None:
+    """Switch weight quantizers off (fp32 reference through the same graph) or back on;
+    activation quantizers follow ``activations`` (default: the same as the weights)."""
+    activations = enabled if activations is None else activations
     for module in model.modules():
         if isinstance(module, ActQuant) and module.mode != "observe":
-            module.mode = "quantize" if enabled else "off"
+            module.mode = "quantize" if activations else "off"
         elif isinstance(module, QuantWeight):
             module.enabled = enabled
