@@ -28,7 +28,7 @@ from deepshrink.compress.lowrank import (
     vbmf_rank,
 )
 from deepshrink.core.config import Scope
-from deepshrink.core.errors import InputError
+from deepshrink.core.errors import InputError, NotApplicable
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import DataBundle, ImageSet
 from deepshrink.evaluate import count_compute, evaluate_accuracy
@@ -239,6 +239,16 @@ def test_decompose_with_finetune_recovers_accuracy(bundle, distill):
     assert base >= 90.0 and evaluate_accuracy(out, bundle.test).top1 >= base - 5.0
     assert conv_macs(out) < 0.5 * conv_macs(model)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+
+
+@pytest.mark.unit
+def test_decompose_refuses_a_model_with_nothing_to_factorise(bundle):
+    """Only 1x1 and depthwise convolutions: Tucker has nothing to do, and says so instead of
+    fine-tuning the original and calling it decomposed."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.LazyLinear(4))
+    model(bundle.train.images[:2])
+    with pytest.raises(NotApplicable, match=r"decompose \(tucker\): no layer to factorise"):
+        apply_method(model, Decompose(method="tucker", rank=2, finetune=TrainConfig(epochs=1)), Context(bundle, progress=False))
 
 
 # -- CLI -----------------------------------------------------------------------------------

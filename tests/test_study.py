@@ -115,3 +115,19 @@ def test_study_cli_reports_a_failed_cell_and_exits_nonzero(tmp_path, capsys):
     assert f"lenet5 / {bad}: error:" in printed
     rows = {r["method"]: r for r in json.loads((out / "study.json").read_text())["rows"]}
     assert rows["int8 PTQ"]["status"] == "ok" and rows[str(bad)]["status"].startswith("error:")
+
+
+@flow
+def test_study_marks_a_method_with_nothing_to_do_not_applicable(tmp_path, capsys):
+    """Tucker on mobilenetv2-like nets (depthwise 3x3 only) is n/a: in the table, not a failure."""
+    recipe = tmp_path / "svd-on-convnet.yaml"  # lenet5 has Linear layers, so restrict the scope to none of them
+    recipe.write_text("name: svd-nothing\nversion: 1\nsteps:\n  - decompose: {method: svd, rank: 2, scope: {types: [Conv2d]}}\n")
+    out = tmp_path / "s"
+    code = cli.main(
+        ["study", "--models", "lenet5", "--methods", f"int8-ptq,{recipe}", "--out", str(out), "--no-progress", "--workers", "1"]
+    )
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads((out / "study.json").read_text())["rows"]}
+    assert rows[str(recipe)]["status"].startswith("n/a: decompose (svd)")
+    assert rows["int8 PTQ"]["status"] == "ok"
+    assert "n/a: decompose" in (out / "study.md").read_text()

@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
 
 @command("study")
 def _study(args: argparse.Namespace) -> int:
-    from deepshrink.pipeline.study import BUDGETS, STUDY_COLUMNS, resolve_methods, run_study
+    from deepshrink.pipeline.study import BUDGETS, STUDY_COLUMNS, finished, resolve_methods, run_study
     from deepshrink.report import print_table
 
     budget = BUDGETS[args.budget]
@@ -39,7 +39,7 @@ def _study(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print_table(result.rows, STUDY_COLUMNS, title=f"study ({budget.name}), {result.wall_s / 60:.1f} min")
-    failed = [r for r in result.rows if r["status"] != "ok"]
+    failed = [r for r in result.rows if not finished(r)]
     for row in failed:
         print(f"{row['model']} / {row['method']}: {row['status']}")
     print(f"wrote {result.out_dir / 'study.md'}, {result.out_dir / 'study.json'} and {result.out_dir / 'report.html'}")

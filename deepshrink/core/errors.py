@@ -10,6 +10,11 @@ class InputError(DeepShrinkError, ValueError):
     """The user's input (file, argument, config value) is missing or malformed."""
 
 
+class NotApplicable(InputError):
+    """The method has nothing to act on in this model (Tucker-2 on a network whose
+    3x3 convolutions are all depthwise, say): not a failure of the method or the input."""
+
+
 class DatasetError(InputError):
     """A dataset is missing or corrupt."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepshrink.core.errors import DeepShrinkError, InputError
+from deepshrink.core.errors import DeepShrinkError, InputError, NotApplicable
 from deepshrink.pipeline.recipe import Recipe, load_recipe, parse_recipe
 
 STUDY_MODELS = ("lenet5", "resnet20", "vgg", "mobilenetv2")
@@ -106,6 +106,11 @@ def resolve_methods(spec: str | None) -> dict[str, str]:
 # -- one cell, in a worker process ------------------------------------------------
 
 
+def finished(row: dict) -> bool:
+    """Measured, or found not applicable: either way re-running it would give the same row."""
+    return row.get("status") == "ok" or str(row.get("status", "")).startswith("n/a")
+
+
 def run_cell(cell: Cell) -> dict:
     """Run one model x method and measure it; never raises (a failure is the row's status)."""
     start = time.perf_counter()
@@ -113,6 +118,8 @@ def run_cell(cell: Cell) -> dict:
     try:
         row.update(_measure_cell(cell))
         row["status"] = "ok"
+    except NotApplicable as exc:  # reported in the table, not counted as a failure
+        row["status"] = f"n/a: {exc}"
     except DeepShrinkError as exc:
         row["status"] = f"error: {exc}"
     except Exception as exc:  # a bug in one cell must not lose the others; keep the trace for the log
@@ -221,7 +228,7 @@ def run_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells_path = out_dir / "cells.jsonl"
-    done = {f"{r['model']}/{r['method']}": r for r in read_cells(cells_path) if r.get("budget") == budget.name and r.get("status") == "ok"}
+    done = {f"{r['model']}/{r['method']}": r for r in read_cells(cells_path) if r.get("budget") == budget.name and finished(r)}
     todo = [
         Cell(m, method, recipe, budget, str(out_dir), threads, dataset, data_dir)
         for m in models
@@ -293,7 +300,7 @@ def _study_columns():
 
     return [
         Column("model", lambda r: r["model"]),
-        Column("method", lambda r: r["method"] if r["status"] == "ok" else f"{r['method']} ({r['status'][:80]})"),
+        Column("method", lambda r: r["method"] if r["status"] == "ok" else f"{r['method']} ({r['status'][:120]})"),
         Column("Top-1 %", lambda r: r.get("top1"), "{:.2f}"),
         Column("Top-5 %", lambda r: r.get("top5"), "{:.2f}"),
         Column("params", lambda r: r.get("params"), "{:,}"),

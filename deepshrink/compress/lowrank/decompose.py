@@ -34,7 +34,7 @@ from deepshrink.compress.lowrank.rank import (
     vbmf_rank,
 )
 from deepshrink.core.config import Config, Scope
-from deepshrink.core.errors import InputError
+from deepshrink.core.errors import InputError, NotApplicable
 from deepshrink.core.methods import Context, register
 from deepshrink.train import TrainConfig
 
@@ -248,6 +248,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+def _decompose_something(model: nn.Module, cfg: Decompose) -> nn.Module:
+    """decompose_model, refusing a model in which no layer would be factorised (fine-tuning
+    it anyway would pass the original off as a decomposed model)."""
+    model, records = decompose_model(model, cfg)
+    if not any(isinstance(m, FACTORISED) for m in model.modules()):
+        skipped = "1x1 and depthwise convs are skipped" if cfg.method != "svd" else "only Linear layers are factorised"
+        raise NotApplicable(f"decompose ({cfg.method}): no layer to factorise ({len(records)} tried; {skipped})")
+    return model
+
+
 @register(Decompose)
 def _apply(model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
-    return restructure_and_finetune(model, lambda m: decompose_model(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+    return restructure_and_finetune(model, lambda m: _decompose_something(m, cfg), cfg.finetune, cfg.distill, ctx)
