@@ -232,7 +232,7 @@ def _decompose(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from deepshrink.compress.distill import finetune_with_kd
-    from deepshrink.compress.lowrank import decompose_model
+    from deepshrink.compress.lowrank import decompose_required
     from deepshrink.models import architecture_of, resolve_model
 
     cfg = _decompose_config(args)
@@ -242,9 +242,7 @@ def _decompose(args: argparse.Namespace) -> int:
     data = _load_data(args, train_subset=args.train_subset)
     before = _metrics(model, data, args.threads, args.repeats)
     start = time.perf_counter()
-    decomposed, layers = decompose_model(copy.deepcopy(model), cfg)
-    if not any(layer.replaced for layer in layers):
-        raise InputError(f"{args.model}: no layer in scope was worth decomposing with these ranks")
+    decomposed, layers = decompose_required(copy.deepcopy(model), cfg)
     untuned_top1 = _metrics(decomposed, data, args.threads)["top1"]
     if cfg.finetune is not None:
         finetune_with_kd(decomposed, cfg.finetune, data, model if cfg.distill else None, cfg.distill, progress=not args.no_progress)

@@ -1,6 +1,13 @@
 """Low-rank factorisation: truncated SVD of Linear, Tucker-2 and CP of Conv2d, rank selection."""
 
-from deepshrink.compress.lowrank.decompose import Decompose, LayerDecomposition, decompose_model, dense_weight, replace_module
+from deepshrink.compress.lowrank.decompose import (
+    Decompose,
+    LayerDecomposition,
+    decompose_model,
+    decompose_required,
+    dense_weight,
+    replace_module,
+)
 from deepshrink.compress.lowrank.layers import (
     CPConv2d,
     LowRankLinear,
@@ -27,6 +34,7 @@ __all__ = [
     "cp_rank_for",
     "cp_reconstruct",
     "decompose_model",
+    "decompose_required",
     "dense_weight",
     "energy_rank",
     "exact_cp_rank",

@@ -248,16 +248,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def _decompose_something(model: nn.Module, cfg: Decompose) -> nn.Module:
+def decompose_required(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[LayerDecomposition]]:
     """decompose_model, refusing a model in which no layer would be factorised (fine-tuning
     it anyway would pass the original off as a decomposed model)."""
     model, records = decompose_model(model, cfg)
-    if not any(isinstance(m, FACTORISED) for m in model.modules()):
+    if not any(record.replaced for record in records):
         skipped = "1x1 and depthwise convs are skipped" if cfg.method != "svd" else "only Linear layers are factorised"
         raise NotApplicable(f"decompose ({cfg.method}): no layer to factorise ({len(records)} tried; {skipped})")
-    return model
+    return model, records
 
 
 @register(Decompose)
 def _apply(model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
-    return restructure_and_finetune(model, lambda m: _decompose_something(m, cfg), cfg.finetune, cfg.distill, ctx)
+    return restructure_and_finetune(model, lambda m: decompose_required(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
