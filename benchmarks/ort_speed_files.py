@@ -1,6 +1,6 @@
 """Time ONNX files in ONNX Runtime on this machine: median latency per file, interleaved rounds.
 
-    python benchmarks/ort_speed_files.py fp32.onnx int8.onnx ... [--threads 2 --batch 64]
+    python benchmarks/ort_speed_files.py fp32.onnx int8.onnx ... [--threads 2 --batch 64] [--json out.json]
 
 Needs only onnxruntime and numpy, so the same files can be timed on another
 machine (e.g. a CPU with VNNI) without installing deepshrink. The first file is
@@ -9,6 +9,8 @@ int8-relevant flags.
 """
 
 import argparse
+import json
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--shape", default="1,28,28", help="input shape without the batch dimension")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", help="also write the measurements (one object per file, with the environment) here")
     args = parser.parse_args()
     shape = (args.batch, *(int(d) for d in args.shape.split(",")))
     batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -67,6 +70,13 @@ def main() -> None:
     print("| file | median ms | speedup |\n|---|---|---|")
     for name, ms in medians.items():
         print(f"| {name} | {ms:.2f} | {base / ms:.2f}x |")
+    if args.json:
+        environment = {"cpu": cpu_description(), "onnxruntime": ort.__version__, "python": platform.python_version()}
+        rows = [
+            {"file": name, "median_ms": ms, "speedup": base / ms, "threads": args.threads, "batch": args.batch, "environment": environment}
+            for name, ms in medians.items()
+        ]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
