@@ -84,6 +84,7 @@ def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> di
     from deepshrink.evaluate import evaluate_accuracy
     from deepshrink.evaluate.accuracy import ort_top1
     from deepshrink.evaluate.latency import ort_latency_interleaved
+    from deepshrink.evaluate.size import fp32_param_bytes
     from deepshrink.export import onnx_bytes, ort_session
     from deepshrink.export.qdq import export_quantized_onnx
 
@@ -93,7 +94,7 @@ def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> di
     fp32_onnx = onnx_bytes(model, data.input_shape)
     sessions = {"fp32": ort_session(fp32_onnx, args.threads), "quantized": ort_session(onnx_path, args.threads)}
     sides = {
-        "fp32": {"top1": evaluate_accuracy(model, data.test).top1, "bytes": 4 * sum(p.numel() for p in model.parameters())},
+        "fp32": {"top1": evaluate_accuracy(model, data.test).top1, "bytes": fp32_param_bytes(model)},
         "quantized": {"top1": evaluate_accuracy(qmodel, data.test).top1, "bytes": packed},
     }
     sides["fp32"]["onnx_bytes"], sides["quantized"]["onnx_bytes"] = len(fp32_onnx), onnx_path.stat().st_size

@@ -26,6 +26,11 @@ class SizeReport:
         return 1.0 - self.nonzero_params / self.params if self.params else 0.0
 
 
+def fp32_param_bytes(model: nn.Module) -> int:
+    """The parameters' size as dense float32 (params x 4): the base compression ratios divide."""
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
 def measure_size(model: nn.Module, onnx_bytes: int | None = None) -> SizeReport:
     params = list(model.parameters())
     state = model.state_dict()
@@ -35,7 +40,7 @@ def measure_size(model: nn.Module, onnx_bytes: int | None = None) -> SizeReport:
         params=sum(p.numel() for p in params),
         nonzero_params=sum(int(torch.count_nonzero(p)) for p in params),
         layers=sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()),
-        dense_fp32_bytes=4 * sum(p.numel() for p in params),
+        dense_fp32_bytes=fp32_param_bytes(model),
         state_bytes=sum(t.numel() * t.element_size() for t in state.values()),
         disk_bytes=disk,
         onnx_bytes=onnx_bytes,

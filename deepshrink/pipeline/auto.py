@@ -64,6 +64,7 @@ from deepshrink.encode.pack import pack, pack_verified
 from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.evaluate.environment import environment
 from deepshrink.evaluate.latency import ort_latency
+from deepshrink.evaluate.size import fp32_param_bytes
 from deepshrink.export.onnx import export_onnx, onnx_bytes, ort_session, write_atomic
 from deepshrink.report.tables import Column, markdown_table
 from deepshrink.train import TrainConfig, Trainer
@@ -712,7 +713,7 @@ def auto_compress(
         options.gate,
         baseline_top1=evaluate_accuracy(model, data.test).top1,
         baseline_gate_top1=evaluate_accuracy(model, gate).top1,
-        fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
+        fp32_bytes=fp32_param_bytes(model),
         target_bytes=target_bytes,
         target_latency_ms=target_latency_ms,
     )

@@ -146,6 +146,7 @@ def _measure_cell(cell: Cell) -> dict:
 def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
     from deepshrink.evaluate.flops import count_compute
     from deepshrink.evaluate.latency import ort_latency
+    from deepshrink.evaluate.size import fp32_param_bytes
     from deepshrink.export.onnx import ort_session
 
     final = result.rows[-1]
@@ -154,7 +155,7 @@ def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
     compute = count_compute(result.model, shape)
     session = ort_session(result.onnx_path, cell.threads)
     latency = {b: ort_latency(session, shape, b, cell.budget.latency_repeats).median_ms for b in (1, 64)}
-    original_bytes = 4 * sum(p.numel() for p in original.parameters())
+    original_bytes = fp32_param_bytes(original)
     return {
         "top1": final.top1,
         "top5": final.top5,

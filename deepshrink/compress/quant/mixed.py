@@ -30,8 +30,9 @@ from deepshrink.compress.quant.qat import prepare_qat, qat
 from deepshrink.compress.quant.storage import save_quantized_model
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
-from deepshrink.data.datasets import ImageSet
+from deepshrink.data.datasets import ImageSet, iterate_batches
 from deepshrink.evaluate.accuracy import evaluate_accuracy
+from deepshrink.evaluate.size import fp32_param_bytes
 
 MAX_BUDGET_PASSES = 4  # re-plans after packing for real; the file overhead is nearly constant, so 1-2 suffice
 MAX_DP_CELLS = 1 << 22  # exact for weight budgets up to 4 Mbit (resnet20 at 1/6 of fp32: 1.4 Mbit)
@@ -43,19 +44,17 @@ FISHER_BATCH = 32  # small batches: the squared batch gradient then approximates
 def fisher_diagonal(qmodel: nn.Module, val: ImageSet) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the validation loss w.r.t. each quantized layer's weight."""
     layers = dict(quant_layers(qmodel))
-    fisher = {name: torch.zeros_like(layer.weight) for name, layer in layers.items()}
-    qmodel.eval()
+    weights = [layer.weight for layer in layers.values()]
+    totals = [torch.zeros_like(w) for w in weights]
     batches = 0
+    qmodel.eval()
     with torch.enable_grad():
-        for start in range(0, len(val), FISHER_BATCH):
-            qmodel.zero_grad(set_to_none=True)
-            logits = qmodel(val.images[start : start + FISHER_BATCH])
-            nn.functional.cross_entropy(logits, val.labels[start : start + FISHER_BATCH]).backward()
-            for name, layer in layers.items():
-                fisher[name] += layer.weight.grad.detach() ** 2
+        for images, labels in iterate_batches(val, FISHER_BATCH):
+            grads = torch.autograd.grad(nn.functional.cross_entropy(qmodel(images), labels), weights)
+            for total, grad in zip(totals, grads, strict=True):
+                total += grad**2
             batches += 1
-    qmodel.zero_grad(set_to_none=True)
-    return {name: value / max(batches, 1) for name, value in fisher.items()}
+    return {name: total / max(batches, 1) for name, total in zip(layers, totals, strict=True)}
 
 
 @torch.no_grad()
@@ -73,8 +72,15 @@ def bit_sensitivity(
     calibrate(qmodel, batches)
     if measure == "fisher":
         fisher = fisher_diagonal(qmodel, val)
+
+        def score(name: str, layer: nn.Module) -> float:
+            return 0.5 * float((fisher[name] * (layer.weight_quant(layer.weight) - layer.weight) ** 2).sum())
     else:
         base = evaluate_accuracy(qmodel, val).loss
+
+        def score(name: str, layer: nn.Module) -> float:
+            return max(0.0, evaluate_accuracy(qmodel, val).loss - base)
+
     result: dict[str, dict[int, float]] = {}
     for name, layer in quant_layers(qmodel):
         quant = layer.weight_quant
@@ -83,11 +89,7 @@ def bit_sensitivity(
         for bits in candidate_bits:
             quant.spec = weight_spec(min(bits, 7) if reduce_range else bits)
             quant.calibrate(layer.weight, "mse")
-            if measure == "fisher":
-                noise = quant(layer.weight) - layer.weight
-                result[name][bits] = 0.5 * float((fisher[name] * noise**2).sum())
-            else:
-                result[name][bits] = max(0.0, evaluate_accuracy(qmodel, val).loss - base)
+            result[name][bits] = score(name, layer)
         quant.spec = saved[0]
         quant.scale.copy_(saved[1])
     return result
@@ -135,7 +137,7 @@ def _size_accounting(model: nn.Module, scope) -> tuple[dict[str, int], int, int]
     that stays fp32 (other parameters, biases, one scale per output channel)."""
     layers = dict(scope.layers(model))
     sizes = {name: layer.weight.numel() for name, layer in layers.items()}
-    total_bits = 32 * sum(p.numel() for p in model.parameters())
+    total_bits = 8 * fp32_param_bytes(model)
     overhead_bits = total_bits - 32 * sum(sizes.values()) + 32 * sum(layer.weight.shape[0] for layer in layers.values())
     return sizes, total_bits, overhead_bits
 
@@ -172,7 +174,7 @@ def plan_bits(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> tuple[dict
     reduce_range = resolve_reduce_range(cfg.qat.reduce_range)
     sensitivity = bit_sensitivity(model, batches, val, cfg.candidate_bits, cfg.qat.scope, reduce_range, cfg.sensitivity)
     budget, sizes = weight_budget_bits(model, cfg)
-    target_bytes = cfg.size_fraction * 4 * sum(p.numel() for p in model.parameters())
+    target_bytes = cfg.size_fraction * fp32_param_bytes(model)
     for _ in range(MAX_BUDGET_PASSES):
         plan = allocate_bits(sensitivity, sizes, budget)
         excess = packed_plan_bytes(model, plan, cfg, batches) - target_bytes
