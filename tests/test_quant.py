@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from deepshrink.export.onnx import ort_session, run_ort
 from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models import create_model
 from deepshrink.models.zoo import BasicBlock
+from deepshrink.onnx_in.runtime import optimized_op_counts
 from deepshrink.train import TrainConfig, train
 from tests.conftest import make_learnable_set
 
@@ -76,8 +76,12 @@ def test_placement_quantizes_every_conv_input_and_output(trained):
     qmodel = prepare(model, 8, 8)
     graph = list(qmodel.graph.nodes)
     quant_nodes = [n for n in graph if n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), ActQuant)]
-    # input, stem relu, conv1 relu, conv2 out, shortcut out, add->relu, pooled input of fc: 7 quantizers
-    assert len(quant_nodes) == 7
+    # input, stem relu, conv1 relu, conv2 out, shortcut out, add->relu, average pool: 7 quantizers ...
+    assert len({n.target for n in quant_nodes}) == 7
+    # ... and the pool's quantizer once more after the flatten, so fc's input is a DQ in ONNX
+    (requant,) = [n for n in quant_nodes if n.kwargs.get("requant")]
+    assert requant.args[0].target is torch.flatten and requant.args[0].args[0].args[0].target == "pool"
+    assert requant.target == requant.args[0].args[0].target
     for node in graph:
         if node.op == "call_module" and isinstance(qmodel.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
             producer = node.args[0]
@@ -117,11 +121,9 @@ def test_qdq_onnx_runs_integer_kernels_and_agrees_with_torch(trained, tmp_path):
     int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
     assert len(int8_weights) == len(quant_layers(qmodel))
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in graph.initializer} for n in graph.node)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
-    optimized = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
-    assert "QLinearConv" in optimized and "Conv" not in optimized
+    ops = optimized_op_counts(proto)
+    assert ops["QLinearConv"] == 4 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
+    assert not {"Conv", "Gemm", "GlobalAveragePool", "DequantizeLinear"} & set(ops), ops
     images = data.test.images
     with torch.no_grad():
         expected = qmodel(images).numpy()
@@ -258,9 +260,12 @@ def test_pretrained_lenet5_int8_ptq_within_half_a_point(observer):
     qmodel = apply_method(model, PTQ(calib_samples=256, activation_observer=observer), Context(data, progress=False))
     fp32, int8 = (accuracy(m, data.test.images, data.test.labels) for m in (model, qmodel))
     assert int8 >= fp32 - 0.005
-    session = ort_session(quantized_onnx_bytes(qmodel, SHAPE), 1)
-    got = run_ort(session, data.test.images).argmax(1)
+    proto = quantized_onnx_bytes(qmodel, SHAPE)
+    got = run_ort(ort_session(proto, 1), data.test.images).argmax(1)
     assert (got == data.test.labels.numpy()).mean() >= fp32 - 0.005
+    # max pool -> flatten -> Linear stays on the integers: all three Linears run as QGemm
+    ops = optimized_op_counts(proto)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 3 and not {"Conv", "Gemm"} & set(ops), ops
 
 
 @pytest.mark.parametrize(

@@ -70,9 +70,13 @@ class ActQuant(nn.Module):
                 codes = torch.tensor([self.spec.qmin, self.spec.qmax], dtype=torch.float32) - self.zero_point.float()
                 self.tracker.min_val, self.tracker.max_val = (codes * self.scale.detach()).unbind()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, requant: bool = False) -> torch.Tensor:
+        """``requant``: ``x`` is already on this quantizer's grid (it passed a max
+        pool or a flatten since), so nothing is observed or tracked; the call only
+        puts the Q/DQ pair into the exported graph where ONNX Runtime expects it."""
         if self.mode == "observe":
-            self.observer.update(x.detach())
+            if not requant:
+                self.observer.update(x.detach())
             return x
         if self.mode == "off":
             return x
@@ -82,7 +86,7 @@ class ActQuant(nn.Module):
             )
         if self.scale.requires_grad:
             return lsq_fake_quantize(x, _positive(self.scale), self.zero_point, self.spec)
-        if self.training and self.tracker is not None:
+        if self.training and self.tracker is not None and not requant:
             self._follow(x)
         return fake_quantize_ste(x, self.scale, self.zero_point, self.spec)
 

@@ -5,11 +5,16 @@ Placement rule (the QDQ layout of ONNX Runtime's own quantizer): every input of
 a quantized Conv/Linear and of a residual add is on the int8 grid, and so is
 every Conv/Linear/add output (after its ReLU when a ReLU is the only user).
 Ops that keep values on the grid (max pooling, flatten, ReLU, dropout) pass a
-quantized tensor through without a new quantizer; average pooling does not.
+quantized tensor through; where such a tensor feeds a quantized op, the source's
+quantizer is applied again (an identity in PyTorch) so the exported graph reads
+DQ -> MaxPool/Flatten -> Q, which ONNX Runtime runs on the integers. Average
+pooling of a quantized tensor gets its own output quantizer, so ONNX Runtime
+fuses it into QLinearAveragePool / QLinearGlobalAveragePool.
 """
 
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -28,6 +33,8 @@ GRID_KEEPING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.Dropout)
 GRID_KEEPING_FUNCTIONS = {torch.flatten, F.relu, torch.relu, F.max_pool2d}
 ALL_LAYERS = Scope()
 GRID_KEEPING_METHODS = {"view", "reshape", "flatten", "relu", "contiguous"}
+AVERAGE_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+AVERAGE_POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d}
 
 
 def weight_spec(bits: int) -> QuantSpec:
@@ -104,36 +111,61 @@ def _is_submodule(gm: fx.GraphModule, name: str) -> bool:
 
 
 def _insert_act_quants(gm: fx.GraphModule, quantized: set[str], spec: QuantSpec, observer: str) -> None:
-    for index, node in enumerate(_tensors_to_quantize(gm, quantized)):
-        name = f"act_quant_{index}"
-        gm.add_submodule(name, ActQuant(spec, observer))
-        with gm.graph.inserting_after(node):
-            quant = gm.graph.call_module(name, (node,))
-        node.replace_all_uses_with(quant, delete_user_cb=lambda user, q=quant: user is not q)
+    placement = _tensors_to_quantize(gm, quantized)
+    names: dict[fx.Node, str] = {}
+    for index, node in enumerate(placement.own):
+        names[node] = f"act_quant_{index}"
+        gm.add_submodule(names[node], ActQuant(spec, observer))
+        _insert_after(gm, node, names[node], {})
+    for node, source in placement.requant.items():
+        _insert_after(gm, node, names[source], {"requant": True})
 
 
-def _tensors_to_quantize(gm: fx.GraphModule, quantized: set[str]) -> list[fx.Node]:
-    chosen: list[fx.Node] = []
-    on_grid: set[fx.Node] = set()
+def _insert_after(gm: fx.GraphModule, node: fx.Node, module_name: str, kwargs: dict) -> None:
+    with gm.graph.inserting_after(node):
+        quant = gm.graph.call_module(module_name, (node,), kwargs)
+    node.replace_all_uses_with(quant, delete_user_cb=lambda user, q=quant: user is not q)
+
+
+@dataclass
+class Placement:
+    """Nodes whose output gets a quantizer of its own, and grid-keeping nodes
+    whose output is quantized again with the quantizer of the node they came from."""
+
+    own: list[fx.Node] = field(default_factory=list)
+    requant: dict[fx.Node, fx.Node] = field(default_factory=dict)
+
+
+def _tensors_to_quantize(gm: fx.GraphModule, quantized: set[str]) -> Placement:
+    placement = Placement()
+    grid_source: dict[fx.Node, fx.Node] = {}  # tensor on the int8 grid -> node whose quantizer set that grid
 
     def mark(node: fx.Node) -> None:
-        if node not in on_grid:
-            chosen.append(node)
-            on_grid.add(node)
+        if node not in grid_source:
+            placement.own.append(node)
+            grid_source[node] = node
+
+    def quantized_input(arg: fx.Node) -> None:
+        if arg not in grid_source:
+            mark(arg)
+        elif grid_source[arg] is not arg:
+            placement.requant[arg] = grid_source[arg]
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             mark(node)
         elif _is_quantized_op(gm, node, quantized):
             for arg in _tensor_args(node):
-                if arg not in on_grid:
-                    mark(arg)
+                quantized_input(arg)
             out = _sole_relu_user(gm, node) or node
             if any(user.op != "output" for user in out.users):
                 mark(out)
-        elif _keeps_grid(gm, node) and node.args and node.args[0] in on_grid:
-            on_grid.add(node)
-    return chosen
+        elif node.args and node.args[0] in grid_source:
+            if _keeps_grid(gm, node):
+                grid_source[node] = grid_source[node.args[0]]
+            elif _is_average_pool(gm, node):
+                mark(node)
+    return placement
 
 
 def _tensor_args(node: fx.Node) -> Iterable[fx.Node]:
@@ -156,6 +188,12 @@ def _sole_relu_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         user.op == "call_function" and user.target in RELU_FUNCTIONS
     )
     return user if is_relu else None
+
+
+def _is_average_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), AVERAGE_POOL_MODULES)
+    return node.op == "call_function" and node.target in AVERAGE_POOL_FUNCTIONS
 
 
 def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
