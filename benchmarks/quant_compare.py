@@ -180,7 +180,7 @@ def qat_row(label: str, model, qmodel, data, threads: int, seconds: float) -> di
 
 def run_qat(data, threads: int, epochs: int, lr: float, previous: list[dict]) -> list[dict]:
     """QAT rows, reusing those of an earlier, interrupted run with the same set-up."""
-    setup = {"epochs": epochs, "lr": lr, "train_images": len(data.train)}
+    setup = {"epochs": epochs, "lr": lr, "train_images": len(data.train), "average_pool": "quantized"}  # older rows re-run
     configs = qat_configs(epochs, lr)
     setups = {label: {**setup, **MIXED_SETUP} if label.startswith("mixed") else setup for label in configs}
     done = {r["method"]: r for r in previous if r.get("setup") == setups.get(r["method"])}

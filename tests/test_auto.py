@@ -20,6 +20,7 @@ from deepshrink.models import create_model
 from deepshrink.pipeline.auto import (
     AutoOptions,
     Option,
+    Teacher,
     auto_compress,
     check_max_drop,
     hull_path,
@@ -28,6 +29,7 @@ from deepshrink.pipeline.auto import (
     parse_size,
     plan_bytes,
     plan_path,
+    prune_stage,
 )
 
 FP32_BYTES = 1_066_440  # lenet300: 266,610 fp32 parameters
@@ -113,6 +115,23 @@ def size_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto") / "size"
     model = create_model("lenet300", pretrained=True)
     return auto_compress(model, data, 1.0, target_bytes=TARGET, out_dir=out, progress=False, architecture={"zoo": "lenet300"}, options=FAST)
+
+
+@pytest.mark.flow
+def test_prune_stage_distills_from_the_original_and_reaches_each_layer_sparsity(data):
+    """The teacher's logits are computed once per training image (and shared by later trials);
+    distilling recovers more of a hard prune than the labels alone, with the same seed."""
+    teacher = Teacher(create_model("lenet300", pretrained=True))
+    target = {"1": 0.9, "3": 0.8, "5": 0.5}
+    train = replace(FAST.prune_train(), epochs=1)
+    distilled, labels_only = (
+        prune_stage(create_model("lenet300", pretrained=True), target, train, data, FAST.scope, t, progress=False) for t in (teacher, None)
+    )
+    for name, sparsity in target.items():
+        zeros = float((distilled.get_submodule(name).weight == 0).float().mean())
+        assert zeros == pytest.approx(sparsity, abs=0.01), name
+    assert len(teacher.cache.logits) == len(data.train)
+    assert evaluate_accuracy(distilled, data.test).top1 > evaluate_accuracy(labels_only, data.test).top1
 
 
 @pytest.mark.flow

@@ -24,6 +24,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="pruning fine-tune peak learning rate")
     p.add_argument("--max-trials", type=int, default=4, help="fine-tuned trials the search may spend")
     p.add_argument("--sensitivity-samples", type=int, default=512, help="validation images for the per-layer sensitivity")
+    p.add_argument("--no-distill", action="store_true", help="fine-tune on labels only, without KD from the original model")
     p.add_argument("--gate", choices=["val", "test"], default="val", help="set the drop is checked on during the search")
     p.add_argument("--train-subset", type=int, default=20000, help="training images for fine-tuning (default 20000)")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
@@ -54,6 +55,7 @@ def _options(args: argparse.Namespace):
         gate=args.gate,
         latency_batch=args.latency_batch,
         threads=args.threads,
+        distill=not args.no_distill,
     )
 
 

@@ -23,7 +23,9 @@ The search follows Deep Compression (prune -> k-means share -> entropy-coded
    big corrects the estimate, too inaccurate retries the re-weighted plan (the
    same plan again means longer fine-tuning). Without one, a geometric bisection
    of the byte budget finds the smallest plan within ``max_drop``. A trial
-   continues from the last good pruned model, so fine-tuning accumulates.
+   continues from the last good pruned model, so fine-tuning accumulates. Every
+   fine-tune distills from the original model (Hinton's soft targets, teacher
+   logits computed once per image), which recovers more than labels alone.
 
 A latency target adds a first stage: structured channel pruning (the knob that
 makes dense ONNX Runtime kernels faster) at the smallest ratio that meets it.
@@ -49,12 +51,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from deepshrink.compress.distill.distill import finetune_with_kd
+from deepshrink.compress.distill.hook import KD, TeacherCache
 from deepshrink.compress.prune.masks import apply_masks, magnitude_masks
 from deepshrink.compress.prune.schedules import GradualPruningHook
 from deepshrink.compress.prune.structured import ChannelPrune
 from deepshrink.compress.share.kmeans import kmeans_1d
 from deepshrink.compress.share.kmeans_share import KMeansShare, tie_to_codebooks
-from deepshrink.compress.share.shared import finetune_tied, untie
+from deepshrink.compress.share.shared import untie
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
@@ -67,7 +71,7 @@ from deepshrink.evaluate.latency import ort_latency
 from deepshrink.evaluate.size import fp32_param_bytes
 from deepshrink.export.onnx import export_onnx, onnx_bytes, ort_session, write_atomic
 from deepshrink.report.tables import Column, markdown_table
-from deepshrink.train import TrainConfig, Trainer
+from deepshrink.train import TrainConfig, TrainHook
 
 PRUNE_LEVELS: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)  # per-layer choices
 PROBED_LEVELS: tuple[float, ...] = (0.5, 0.7, 0.85, 0.93, 0.97)  # measured; the others interpolated (halves the probes)
@@ -138,6 +142,7 @@ class AutoOptions:
     round_to: int = 8  # ORT's conv kernels work in blocks of 8 channels
     threads: int | None = None
     seed: int = 0
+    distill: bool = True  # fine-tune against the original model's soft outputs as well as the labels
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.share_epochs < 1:
@@ -446,7 +451,29 @@ def zero_fractions(model: nn.Module, names: list[str]) -> dict[str, float]:
     return {n: float((modules[n].weight == 0).float().mean()) for n in names}
 
 
-def prune_stage(model: nn.Module, target: dict[str, float], train: TrainConfig, data: ImageSet, scope: Scope, progress: bool) -> nn.Module:
+@dataclass
+class Teacher:
+    """The original model, distilled from in every fine-tune of a search; its logits are computed once per image."""
+
+    model: nn.Module
+    kd: KD = field(default_factory=KD)
+    cache: TeacherCache = field(default_factory=TeacherCache)
+
+
+def fine_tune(
+    model: nn.Module, train: TrainConfig, data: DataBundle, teacher: Teacher | None, progress: bool, hooks: tuple[TrainHook, ...] = ()
+) -> None:
+    """Train in place, with KD when there is a teacher; no validation pass (the search measures its gate set itself)."""
+    quiet = replace(data, val=data.val.subset(0))
+    if teacher is None:
+        finetune_with_kd(model, train, quiet, hooks=hooks, progress=progress)
+    else:
+        finetune_with_kd(model, train, quiet, teacher.model, teacher.kd, hooks=hooks, progress=progress, cache=teacher.cache)
+
+
+def prune_stage(
+    model: nn.Module, target: dict[str, float], train: TrainConfig, data: DataBundle, scope: Scope, teacher: Teacher | None, progress: bool
+) -> nn.Module:
     """Prune each layer from its present zero fraction to ``target`` along the AGP curve while fine-tuning."""
     start = zero_fractions(model, list(target))
 
@@ -454,19 +481,21 @@ def prune_stage(model: nn.Module, target: dict[str, float], train: TrainConfig, 
         layers = {n: start[n] + fraction * (target[n] - start[n]) for n in target}
         return magnitude_masks(model, 0.0, scope, "layer", layers)
 
-    steps = train.epochs * -(-len(data) // train.batch_size)
+    steps = train.epochs * -(-len(data.train) // train.batch_size)
     end = int(AGP_FRACTION * steps)
     hook = GradualPruningHook(model, masks_at, start=0, end=end, frequency=max(1, end // 50))
-    Trainer(model, train, data, None, hooks=[hook], progress=progress).fit()
+    fine_tune(model, train, data, teacher, progress, hooks=(hook,))
     return hook.finalize()
 
 
-def share_stage(model: nn.Module, bits: dict[str, int], train: TrainConfig, data: DataBundle, scope: Scope, progress: bool) -> nn.Module:
+def share_stage(
+    model: nn.Module, bits: dict[str, int], train: TrainConfig, data: DataBundle, scope: Scope, teacher: Teacher | None, progress: bool
+) -> nn.Module:
     """k-means share each layer at its bits (zeros stay zero), fine-tune the codebooks, untie."""
     shared = copy.deepcopy(model)
     _tie_plan_bits(shared, bits, scope)
-    quiet = replace(data, val=data.val.subset(0))  # the search measures the gate set itself
-    return finetune_tied(shared, train, Context(data=quiet, progress=progress))
+    fine_tune(shared, train, data, teacher, progress)
+    return untie(shared)
 
 
 def channel_candidate(model: nn.Module, ratio: float, options: AutoOptions) -> nn.Module:
@@ -486,9 +515,17 @@ class _Search:
     each re-weighting the pruning and sharing costs by the damage it measured after fine-tuning."""
 
     def __init__(
-        self, model: nn.Module, data: DataBundle, gate: ImageSet, result: "AutoResult", architecture, options: AutoOptions, progress: bool
+        self,
+        model: nn.Module,
+        data: DataBundle,
+        gate: ImageSet,
+        result: "AutoResult",
+        architecture,
+        options: AutoOptions,
+        teacher: Teacher | None,
+        progress: bool,
     ):
-        self.model, self.data, self.gate, self.architecture = model, data, gate, architecture
+        self.model, self.data, self.gate, self.architecture, self.teacher = model, data, gate, architecture, teacher
         self.baseline, self.floor = result.baseline_gate_top1, result.baseline_gate_top1 - result.max_drop
         self.options, self.progress = options, progress
         self.names = layer_names(model, options.scope)
@@ -548,9 +585,8 @@ class _Search:
         self.console.print(f"trial {trial.number}: estimated {trial.est_bytes:,} bytes, from {label}")
         bits = {n: o.bits for n, o in plan.items()}
         train = self.options.prune_train()
-        pruned = prune_stage(
-            copy.deepcopy(source), {n: o.sparsity for n, o in plan.items()}, train, self.data.train, self.options.scope, self.progress
-        )
+        sparsity = {n: o.sparsity for n, o in plan.items()}
+        pruned = prune_stage(copy.deepcopy(source), sparsity, train, self.data, self.options.scope, self.teacher, self.progress)
         self.pruned[trial.number] = pruned
         trial.gate_top1_pruned = evaluate_accuracy(pruned, self.gate).top1
         trial.sparsity, trial.mean_bits = _plan_summary(pruned, self.names, bits)
@@ -558,7 +594,7 @@ class _Search:
         if trial.gate_top1_pruned < self.floor:  # sharing only loses more: save its fine-tuning
             trial.note = "pruning alone exceeds the drop; sharing skipped"
         else:
-            shared = share_stage(pruned, bits, self.options.share_train(), self.data, self.options.scope, self.progress)
+            shared = share_stage(pruned, bits, self.options.share_train(), self.data, self.options.scope, self.teacher, self.progress)
             self.shared[trial.number] = shared
             trial.gate_top1 = evaluate_accuracy(shared, self.gate).top1
             with tempfile.TemporaryDirectory() as tmp:
@@ -708,6 +744,7 @@ def auto_compress(
     began = time.perf_counter()
     console = Console(quiet=not progress)
     model = copy.deepcopy(model).eval()
+    teacher = Teacher(copy.deepcopy(model)) if options.distill else None
     result = AutoResult(
         max_drop,
         options.gate,
@@ -721,11 +758,11 @@ def auto_compress(
         f"baseline: {options.gate} Top-1 {result.baseline_gate_top1:.2f}%, test Top-1 {result.baseline_top1:.2f}%, fp32 {result.fp32_bytes:,} bytes"
     )
     if target_latency_ms is not None:
-        model = _latency_stage(model, data, gate, result, options, progress, console)
+        model = _latency_stage(model, data, gate, result, options, teacher, progress, console)
     channels_ok = all(t.feasible for t in result.trials[-1:])  # a channel stage too inaccurate ends the search
     final, bits, sensitivity, searched = model, {}, None, channels_ok and (target_bytes is not None or target_latency_ms is None)
     if searched:
-        final, bits, sensitivity = _size_stage(model, data, gate, result, architecture, options, progress, target_bytes)
+        final, bits, sensitivity = _size_stage(model, data, gate, result, architecture, options, teacher, progress, target_bytes)
     _finish(final, bits, data, gate, result, Path(out_dir), architecture, options)
     if searched and not bits:
         result.met, result.reason = False, "not met: no trial finished within the drop; wrote the model unshared"
@@ -734,7 +771,9 @@ def auto_compress(
     return result
 
 
-def _latency_stage(model, data, gate, result: AutoResult, options: AutoOptions, progress: bool, console: Console) -> nn.Module:
+def _latency_stage(
+    model, data, gate, result: AutoResult, options: AutoOptions, teacher: Teacher | None, progress: bool, console: Console
+) -> nn.Module:
     """Remove the fewest channels that meet the latency target, then fine-tune; a trial like the others."""
     shape = data.input_shape
     result.baseline_latency_ms = ort_latency_ms(model, shape, options)
@@ -754,17 +793,19 @@ def _latency_stage(model, data, gate, result: AutoResult, options: AutoOptions, 
             f"the model still takes {ms:.3f} ms at batch {options.latency_batch}"
         )
     result.channel_ratio = ratio
-    _finetune_channels(candidate, data, gate, result, options, progress, console, ms, time.perf_counter() - began)
+    _finetune_channels(candidate, data, gate, result, options, teacher, progress, console, ms, time.perf_counter() - began)
     return candidate
 
 
-def _finetune_channels(model, data, gate, result: AutoResult, options: AutoOptions, progress, console, ms: float, spent: float) -> None:
+def _finetune_channels(
+    model, data, gate, result: AutoResult, options: AutoOptions, teacher: Teacher | None, progress, console, ms: float, spent: float
+) -> None:
     """Fine-tune the channel-pruned model, again while it is too inaccurate and still gaining 0.1 point a round
     (the back-off here: removing fewer channels would miss the latency target)."""
     rounds = options.max_trials if result.target_bytes is None else max(1, options.max_trials // 2)  # leave trials for the size search
     for attempt in range(rounds):
         began = time.perf_counter()
-        Trainer(model, replace(options.prune_train(), seed=options.seed + attempt), data.train, None, progress=progress).fit()
+        fine_tune(model, replace(options.prune_train(), seed=options.seed + attempt), data, teacher, progress)
         top1 = evaluate_accuracy(model, gate).top1
         drop = result.baseline_gate_top1 - top1
         start = "original" if attempt == 0 else f"trial {len(result.trials)}, fine-tuned longer"
@@ -778,9 +819,9 @@ def _finetune_channels(model, data, gate, result: AutoResult, options: AutoOptio
             return
 
 
-def _size_stage(model, data, gate, result: AutoResult, architecture, options: AutoOptions, progress: bool, target: int | None):
+def _size_stage(model, data, gate, result: AutoResult, architecture, options: AutoOptions, teacher: Teacher | None, progress: bool, target):
     """The prune + share search; returns (final model, its bits per layer, the sensitivity measured)."""
-    search = _Search(model, data, gate, result, architecture, options, progress)
+    search = _Search(model, data, gate, result, architecture, options, teacher, progress)
     if target is not None:
         _check_reachable(model, search.names, target, options)
     search.measure_bytes()
