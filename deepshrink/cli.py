@@ -37,6 +37,11 @@ def _load_data(args, **kwargs):
     return load_data(args.dataset, args.data_dir, val_size=args.val_size, test_subset=args.test_subset, **kwargs)
 
 
+def report_header(cfg, data, **identity) -> dict:
+    """How every command's report.json starts: what ran (``identity``), its config and the data it was measured on."""
+    return {**identity, "config": cfg.to_dict(), "dataset": data.name, "test_images": len(data.test)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description="Compress neural networks and measure the result.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,11 +388,7 @@ def _prune(args: argparse.Namespace) -> int:
     for side, (median, p90) in ort_latency_interleaved(sessions, data.input_shape, PRUNE_LATENCY_BATCH, args.repeats).items():
         (before if side == "before" else after).update(ort_b64_ms=median, ort_b64_p90_ms=p90)
     report = {
-        "model": args.model,
-        "method": args.method,
-        "config": cfg.to_dict(),
-        "dataset": data.name,
-        "test_images": len(data.test),
+        **report_header(cfg, data, model=args.model, method=args.method),
         "before": before,
         "after": after,
         "latency": {

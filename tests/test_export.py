@@ -90,3 +90,10 @@ def test_unexportable_model_raises_export_error(tmp_path, module, shape):
     assert "\n" not in str(info.value), "one-line message for the CLI"
     assert not path.exists() and not list(tmp_path.glob("*.tmp"))
     assert model.training, "mode restored even on failure"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_export_leaves_the_callers_mode_on_every_submodule(training):
+    model = create_model("lenet5").train(training)
+    onnx_bytes(model, (1, 28, 28))
+    assert all(m.training == training for m in model.modules())

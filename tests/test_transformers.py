@@ -103,6 +103,14 @@ def test_fp32_export_runs_in_ort_with_dynamic_batch_and_sequence(tiny, batches) 
     assert dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), dt.ort_pooled(session, batches)).min > 0.99999
 
 
+def test_export_leaves_the_encoder_in_the_callers_mode(tiny) -> None:
+    model = copy.deepcopy(tiny).train()
+    dt.encoder_onnx_bytes(model)
+    assert all(m.training for m in model.modules())
+    dt.encoder_onnx_bytes(tiny)
+    assert not any(m.training for m in tiny.modules())
+
+
 # -- dynamic int8 ----------------------------------------------------------------------------
 def test_dynamic_int8_torch_and_ort_agree(tiny, batches) -> None:
     q = quantize_dynamic(tiny, DynamicQuant())

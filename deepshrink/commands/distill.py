@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from deepshrink.cli import _add_data_args, _load_data, _size_kwargs, command
+from deepshrink.cli import _add_data_args, _load_data, _size_kwargs, command, report_header
 from deepshrink.core.errors import InputError
 
 
@@ -174,13 +174,8 @@ def _distill(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     out = Path(args.out or f"runs/distill-{args.teacher.replace(':', '_')}-{args.student}")
     report = {
-        "teacher_name": args.teacher,
-        "student_name": args.student,
-        "kd": not args.no_kd,
-        "config": cfg.to_dict(),
-        "dataset": data.name,
+        **report_header(cfg, data, teacher_name=args.teacher, student_name=args.student, kd=not args.no_kd),
         "train_images": len(data.train),
-        "test_images": len(data.test),
         "teacher": _metrics(teacher, data, args.threads),
         "student": {**_metrics(student, data, args.threads), "train_time_s": seconds},
     }
@@ -250,11 +245,7 @@ def _decompose(args: argparse.Namespace) -> int:
     after = {**_metrics(decomposed, data, args.threads, args.repeats), "top1_before_finetune": untuned_top1}
     out = Path(args.out or f"runs/decompose-{args.model.replace(':', '_')}-{args.method}")
     report = {
-        "model": args.model,
-        "method": args.method,
-        "config": cfg.to_dict(),
-        "dataset": data.name,
-        "test_images": len(data.test),
+        **report_header(cfg, data, model=args.model, method=args.method),
         "before": before,
         "after": after,
         "layers": [asdict(layer) for layer in layers],

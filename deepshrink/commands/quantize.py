@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from deepshrink.cli import _add_data_args, _load_data, command
+from deepshrink.cli import _add_data_args, _load_data, command, report_header
 from deepshrink.core.errors import DeepShrinkError
 
 SCHEMES = ("ptq", "qat", "binary", "ternary", "mixed")
@@ -104,11 +104,7 @@ def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> di
         for name, (median, _) in ort_latency_interleaved(sessions, data.input_shape, batch, args.repeats).items():
             sides[name][f"ort_b{batch}_ms"] = median
     return {
-        "model": args.model,
-        "scheme": args.scheme,
-        "config": cfg.to_dict(),
-        "dataset": data.name,
-        "test_images": len(data.test),
+        **report_header(cfg, data, model=args.model, scheme=args.scheme),
         "threads": args.threads,
         **sides,
         "layers": getattr(qmodel, "quant_report", None),

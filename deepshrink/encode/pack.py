@@ -199,6 +199,15 @@ def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
 
 
 # -- the model archive -------------------------------------------------------------
+def add_streams(entry: dict, name: str, tensor_streams: dict[str, bytes], streams: dict[str, bytes]) -> dict:
+    """File a tensor's coded streams in the archive's table as ``name:kind`` and record those keys in its entry."""
+    entry["streams"] = {}
+    for kind, data in tensor_streams.items():
+        streams[f"{name}:{kind}"] = data
+        entry["streams"][kind] = f"{name}:{kind}"
+    return entry
+
+
 def pack(model: nn.Module | dict[str, torch.Tensor], path: str | Path, architecture: dict | None = None) -> PackReport:
     """Write ``model``'s state dict to ``path`` (.dsz); ``architecture`` lets ``unpack`` rebuild the model,
     e.g. ``{"zoo": "lenet300"}`` or ``{"module": "pkg.mod:build"}``."""
@@ -206,12 +215,7 @@ def pack(model: nn.Module | dict[str, torch.Tensor], path: str | Path, architect
     entries, streams, stats = [], {}, []
     for name, tensor in state.items():
         entry, tensor_streams, tensor_stats = _encode_tensor(name, tensor)
-        entry["streams"] = {}
-        for kind, data in tensor_streams.items():
-            key = f"{name}:{kind}"
-            streams[key] = data
-            entry["streams"][kind] = key
-        entries.append(entry)
+        entries.append(add_streams(entry, name, tensor_streams, streams))
         stats.append(tensor_stats)
     manifest = {"format": FORMAT, "architecture": architecture, "tensors": entries}
     path = write_archive(path, manifest, streams)

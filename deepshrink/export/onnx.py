@@ -33,34 +33,42 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSE
     """The checked ONNX model as bytes (input ``input``, output ``logits``, batch axis dynamic).
 
     ``constant_folding=False`` keeps ops on constants, e.g. the weights' QuantizeLinear in a QDQ export."""
-    was_training = model.training
-    model.eval()
-    example = torch.zeros(1, *input_shape)
+    return export_checked(
+        model,
+        (torch.zeros(1, *input_shape),),
+        "ONNX",
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=constant_folding,
+    )
+
+
+def export_checked(module: nn.Module, example: tuple, what: str, **options) -> bytes:
+    """``torch.onnx.export`` (TorchScript exporter) in eval mode to bytes, then ``onnx.checker``'s full
+    check; a failure of either is one ``ExportError`` line naming ``what``. The module's mode is restored."""
+    was_training = module.training
+    module.eval()
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                buffer,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-                do_constant_folding=constant_folding,
-                dynamo=False,
-            )
+            torch.onnx.export(module, example, buffer, dynamo=False, **options)
     except Exception as exc:  # torch raises many types here; the user needs one line
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"{what} export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     finally:
-        model.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
+        module.train(was_training)
+    check_exported(onnx.load_from_string(buffer.getvalue()), what)
+    return buffer.getvalue()
+
+
+def check_exported(proto: onnx.ModelProto, what: str) -> None:
+    """``onnx.checker``'s full check (shape inference included) as one ``ExportError`` line."""
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported ONNX model is invalid: {str(exc).splitlines()[0]}") from exc
-    return buffer.getvalue()
+        raise ExportError(f"exported {what} model is invalid: {str(exc).splitlines()[0]}") from exc
 
 
 def ort_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:

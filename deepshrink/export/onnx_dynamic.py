@@ -33,7 +33,8 @@ from torch import nn
 
 from deepshrink.compress.quant.dynamic import dequantized_copy, quantize_per_channel, quantized_layers
 from deepshrink.core.errors import InputError
-from deepshrink.export.onnx import ExportError, onnx_bytes
+from deepshrink.export.names import NameGen
+from deepshrink.export.onnx import check_exported, onnx_bytes
 
 WeightType = Literal["uint8", "int8"]
 Kind = Literal["matmul", "gather"]
@@ -82,10 +83,7 @@ def quantize_onnx_dynamic(
         raise InputError(f"weight_type must be 'uint8' or 'int8', got {weight_type!r}")
     proto = _load(model)
     _Rewriter(proto, policy or default_policy(), weight_type, report or RewriteReport()).run()
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"dynamic int8 ONNX model is invalid: {str(exc).splitlines()[0]}") from exc
+    check_exported(proto, "dynamic int8 ONNX")
     return proto
 
 
@@ -116,7 +114,7 @@ class _Rewriter:
                 self.consumers.setdefault(name, []).append(node)
         self.decisions: dict[str, QuantizedWeight | None] = {}
         self.dynamic_inputs: dict[str, tuple[str, str, str]] = {}  # x -> (x_q, x_scale, x_zero_point)
-        self.names: set[str] = {n for node in self.graph.node for n in [*node.input, *node.output]} | set(self.inits)
+        self.names = NameGen(proto)
 
     def run(self) -> None:
         nodes: list[onnx.NodeProto] = []
@@ -184,18 +182,18 @@ class _Rewriter:
         w_q, w_zp, w_scale = self._matmul_constants(weight, qw)
         out = node.output[0]
         nodes, (x_q, x_scale, x_zp) = self._dynamic_input(node.input[0])
-        acc, accf, scale = self._fresh(f"{out}_acc"), self._fresh(f"{out}_accf"), self._fresh(f"{out}_scale")
+        acc, accf, scale = self.names(f"{out}_acc"), self.names(f"{out}_accf"), self.names(f"{out}_scale")
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-        product = self._fresh(f"{out}_nobias") if has_bias else out
+        product = self.names(f"{out}_nobias") if has_bias else out
         base = node.name or out
         nodes += [
-            helper.make_node("MatMulInteger", [x_q, w_q, x_zp, w_zp], [acc], name=self._fresh(f"{base}_MatMulInteger")),
-            helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT, name=self._fresh(f"{base}_Cast")),
-            helper.make_node("Mul", [x_scale, w_scale], [scale], name=self._fresh(f"{base}_ScaleProduct")),
-            helper.make_node("Mul", [accf, scale], [product], name=self._fresh(f"{base}_Rescale")),
+            helper.make_node("MatMulInteger", [x_q, w_q, x_zp, w_zp], [acc], name=self.names(f"{base}_MatMulInteger")),
+            helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT, name=self.names(f"{base}_Cast")),
+            helper.make_node("Mul", [x_scale, w_scale], [scale], name=self.names(f"{base}_ScaleProduct")),
+            helper.make_node("Mul", [accf, scale], [product], name=self.names(f"{base}_Rescale")),
         ]
         if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [out], name=self._fresh(f"{base}_Bias")))
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [out], name=self.names(f"{base}_Bias")))
         return nodes
 
     def _matmul_constants(self, weight: str, qw: QuantizedWeight) -> tuple[str, str, str]:
@@ -216,9 +214,9 @@ class _Rewriter:
         """One DynamicQuantizeLinear per activation tensor, shared by the MatMuls that read it."""
         if x in self.dynamic_inputs:
             return [], self.dynamic_inputs[x]
-        outs = (self._fresh(f"{x}_quantized"), self._fresh(f"{x}_scale"), self._fresh(f"{x}_zero_point"))
+        outs = (self.names(f"{x}_quantized"), self.names(f"{x}_scale"), self.names(f"{x}_zero_point"))
         self.dynamic_inputs[x] = outs
-        return [helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=self._fresh(f"{x}_DynamicQuantizeLinear"))], outs
+        return [helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=self.names(f"{x}_DynamicQuantizeLinear"))], outs
 
     def _gather(self, node: onnx.NodeProto, table: str, qw: QuantizedWeight) -> list[onnx.NodeProto]:
         q_name, s_name = f"{table}_quantized", f"{table}_row_scale"
@@ -226,28 +224,21 @@ class _Rewriter:
             self._add_init(qw.q.astype(np.int8), q_name)
             self._add_init(qw.scale.astype(np.float32)[:, None], s_name)
         ids, out = node.input[1], node.output[0]
-        rows, rowsf, scales = self._fresh(f"{out}_int8"), self._fresh(f"{out}_rows"), self._fresh(f"{out}_row_scale")
+        rows, rowsf, scales = self.names(f"{out}_int8"), self.names(f"{out}_rows"), self.names(f"{out}_row_scale")
         base = node.name or out
         return [
-            helper.make_node("Gather", [q_name, ids], [rows], axis=0, name=self._fresh(f"{base}_GatherInt8")),
-            helper.make_node("Cast", [rows], [rowsf], to=TensorProto.FLOAT, name=self._fresh(f"{base}_Cast")),
-            helper.make_node("Gather", [s_name, ids], [scales], axis=0, name=self._fresh(f"{base}_GatherScale")),
-            helper.make_node("Mul", [rowsf, scales], [out], name=self._fresh(f"{base}_Dequantize")),
+            helper.make_node("Gather", [q_name, ids], [rows], axis=0, name=self.names(f"{base}_GatherInt8")),
+            helper.make_node("Cast", [rows], [rowsf], to=TensorProto.FLOAT, name=self.names(f"{base}_Cast")),
+            helper.make_node("Gather", [s_name, ids], [scales], axis=0, name=self.names(f"{base}_GatherScale")),
+            helper.make_node("Mul", [rowsf, scales], [out], name=self.names(f"{base}_Dequantize")),
         ]
 
     # -- bookkeeping ---------------------------------------------------------
-    def _fresh(self, name: str) -> str:
-        candidate, i = name, 1
-        while candidate in self.names:
-            candidate, i = f"{name}_{i}", i + 1
-        self.names.add(candidate)
-        return candidate
-
     def _add_init(self, array: np.ndarray, name: str) -> None:
         init = numpy_helper.from_array(array, name)
         self.graph.initializer.append(init)
         self.inits[name] = init
-        self.names.add(name)
+        self.names.used.add(name)
 
     def _drop_unused_initializers(self) -> None:
         used = {name for node in self.graph.node for name in node.input} | _graph_names(self.graph.output)

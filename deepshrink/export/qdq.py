@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
-from deepshrink.export.onnx import OPSET, ExportError, onnx_bytes, write_atomic
+from deepshrink.export.onnx import OPSET, ExportError, check_exported, onnx_bytes, write_atomic
 
 
 def export_quantized_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = OPSET) -> Path:
@@ -32,10 +32,7 @@ def quantized_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: 
     _fold_constant_casts(proto.graph)
     _fold_weight_quantize(proto.graph)
     _quantize_biases(proto.graph)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"quantized ONNX model is invalid: {str(exc).splitlines()[0]}") from exc
+    check_exported(proto, "quantized ONNX")
     return proto.SerializeToString()
 
 

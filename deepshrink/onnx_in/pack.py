@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from deepshrink.encode.container import DszError, read_archive, write_archive
 from deepshrink.encode.entropy import total_entropy_bits
-from deepshrink.encode.pack import TensorStats, _code_symbols, _decode_symbols, _decode_tensor, _encode_tensor
+from deepshrink.encode.pack import TensorStats, _code_symbols, _decode_symbols, _decode_tensor, _encode_tensor, add_streams
 from deepshrink.onnx_in.model import OnnxModelError, check_onnx
 
 FORMAT = "deepshrink.onnx-dsz/1"
@@ -124,12 +124,7 @@ def pack_onnx(model: onnx.ModelProto, path: str | Path) -> OnnxPackReport:
         if tensor.name not in coded:
             continue
         entry, tensor_streams, tensor_stats = _encode_initializer(tensor)
-        entry["streams"] = {}
-        for kind, data in tensor_streams.items():
-            key = f"{tensor.name}:{kind}"
-            streams[key] = data
-            entry["streams"][kind] = key
-        entries.append(entry)
+        entries.append(add_streams(entry, tensor.name, tensor_streams, streams))
         stats.append(tensor_stats)
     graph = _strip(model, coded)
     streams["graph"] = graph

@@ -26,9 +26,10 @@ from deepshrink.compress.quant.config import PTQ
 from deepshrink.compress.quant.observers import make_observer
 from deepshrink.compress.quant.primitives import QuantSpec, quantize
 from deepshrink.core.errors import InputError
+from deepshrink.export.names import NameGen
 from deepshrink.onnx_in.calibrate import channel_means, observe
 from deepshrink.onnx_in.data import NpzInputs
-from deepshrink.onnx_in.model import NameGen, consumers, graph_inputs, initializer_map, opset
+from deepshrink.onnx_in.model import consumers, graph_inputs, initializer_map, opset
 from deepshrink.onnx_in.placement import Placement, plan_placement
 from deepshrink.onnx_in.weights import WeightRef, weight_array, weight_refs
 

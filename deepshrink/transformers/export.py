@@ -6,17 +6,14 @@ for a model with a task head. The example used for tracing pads one sequence,
 so the attention-mask logic is traced rather than folded away.
 """
 
-import io
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from deepshrink.core.errors import InputError
-from deepshrink.export.onnx import OPSET, ExportError
+from deepshrink.export.onnx import OPSET, export_checked
 from deepshrink.export.onnx_dynamic import WeightType, dynamic_onnx_from_torch
 from deepshrink.transformers.fidelity import mean_pool
 from deepshrink.transformers.load import Batch, check_batches
@@ -42,7 +39,7 @@ class _Outputs(nn.Module):
 
 def encoder_onnx_bytes(model: nn.Module, token_type_ids: bool = False, opset: int = OPSET) -> bytes:
     """The encoder as checked ONNX (``onnx.checker`` full check), batch and sequence axes dynamic."""
-    wrapper = _Outputs(model, token_type_ids).eval()
+    wrapper = _Outputs(model, token_type_ids).train(model.training)  # so the export restores the caller's mode
     inputs = list(INPUTS[: 3 if token_type_ids else 2])
     outputs = ["logits", "last_hidden_state"] if wrapper.with_head else ["last_hidden_state"]
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 0, 0]]) % _vocab_size(model)
@@ -50,24 +47,9 @@ def encoder_onnx_bytes(model: nn.Module, token_type_ids: bool = False, opset: in
     example = (ids, mask, torch.zeros_like(ids)) if token_type_ids else (ids, mask)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs + ["last_hidden_state"]}
     axes.update({"logits": {0: "batch"}} if wrapper.with_head else {})
-    was_training = model.training
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper, example, buffer, input_names=inputs, output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False
-            )
-    except Exception as exc:  # torch raises many types here; the user needs one line
-        raise ExportError(f"encoder ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        model.train(was_training)  # export toggles modes; restore the caller's
-    proto = onnx.load_from_string(buffer.getvalue())
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported encoder ONNX is invalid: {str(exc).splitlines()[0]}") from exc
-    return buffer.getvalue()
+    return export_checked(
+        wrapper, example, "encoder ONNX", input_names=inputs, output_names=outputs, dynamic_axes=axes, opset_version=opset
+    )
 
 
 def encoder_dynamic_onnx(model: nn.Module, token_type_ids: bool = False, weight_type: WeightType = "uint8") -> bytes:

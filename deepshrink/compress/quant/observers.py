@@ -104,7 +104,7 @@ class MinMaxObserver(Observer):
         return _with_zero(self.min_val, self.max_val)
 
 
-class MovingAverageObserver(Observer):
+class MovingAverageObserver(MinMaxObserver):
     """EMA of per-batch bounds, min_t = momentum * min_(t-1) + (1 - momentum) * batch_min: one outlier batch moves it little."""
 
     def __init__(self, spec: QuantSpec, momentum: float = 0.9, **options) -> None:
@@ -112,21 +112,15 @@ class MovingAverageObserver(Observer):
         if not 0.0 <= momentum < 1.0:
             raise InputError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
-        self.min_val: Tensor | None = None
-        self.max_val: Tensor | None = None
 
     def update(self, x: Tensor) -> None:
-        low, high = self._batch_bounds(x)
         if self.min_val is None:
-            self.min_val, self.max_val = low, high
+            super().update(x)
             return
+        low, high = self._batch_bounds(x)
         m = self.momentum
         self.min_val = m * self.min_val + (1 - m) * low
         self.max_val = m * self.max_val + (1 - m) * high
-
-    def range(self) -> tuple[Tensor, Tensor]:
-        self._require_data(self.min_val)
-        return _with_zero(self.min_val, self.max_val)
 
 
 class StreamingHistogram:
