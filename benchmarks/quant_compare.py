@@ -72,7 +72,7 @@ def torch_ao_static(model, calib: torch.Tensor):
     return convert_fx(prepared)
 
 
-def ptq_rows(name: str, data, threads: int, repeats: int) -> list[dict]:
+def ptq_rows(name: str, data, threads: int, repeats: int, save_onnx: Path | None = None) -> list[dict]:
     print(f"== {name}", flush=True)
     model = create_model(name, pretrained=True).eval()
     calib = data.train.images[:CALIB_SAMPLES]
@@ -92,6 +92,10 @@ def ptq_rows(name: str, data, threads: int, repeats: int) -> list[dict]:
         proto = ort_quantize_static_bytes(fp32, calib.numpy(), reduce_range)
         label = "ORT quantize_static" + (" reduce_range" if reduce_range else "")
         variants[label] = (proto, {"seconds": time.perf_counter() - start})
+    if save_onnx is not None:  # for timing the same files again, here or on another CPU (ort_speed_files.py)
+        save_onnx.mkdir(parents=True, exist_ok=True)
+        for label, (proto, _) in variants.items():
+            (save_onnx / f"{name}-{label.split(' (')[0].replace(' ', '_')}.onnx").write_bytes(proto)
     rows = []
     sessions = {}
     for label, (proto, extra) in variants.items():
@@ -263,6 +267,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default=",".join(PTQ_MODELS))
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--save-onnx", type=Path, default=None, help="ptq: also write every ONNX file timed to this folder")
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-lr", type=float, default=0.002)
     parser.add_argument("--qat-train-subset", type=int, default=10000, help="training images for QAT (from a pretrained start)")
@@ -271,7 +276,7 @@ def main() -> None:
     data = load_data(train_subset=args.qat_train_subset if args.part == "qat" else None)
     common = {"environment": environment(), "threads": args.threads}
     if args.part == "ptq":
-        rows = [row for name in args.models.split(",") for row in ptq_rows(name, data, args.threads, args.repeats)]
+        rows = [row for name in args.models.split(",") for row in ptq_rows(name, data, args.threads, args.repeats, args.save_onnx)]
         print_table(rows, PTQ_COLUMNS, title="int8 PTQ")
         payload = save_json({**common, "ptq": rows})
     else:
