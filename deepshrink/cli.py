@@ -274,6 +274,8 @@ def _print_eval_report(report, manifest_top1: float | None, layers: bool) -> Non
             f"{report.flop_counter_flops:,} ({'equal' if report.flop_counter_flops == compute.conv_linear_flops else 'DIFFERENT'})",
         ),
     ]
+    if report.robustness:
+        rows.append(("Top-1 % under input noise", report.robustness.describe()))
     rows += [
         (f"{r.backend} batch {r.batch_size} ms", f"median {r.median_ms:.3f}, p90 {r.p90_ms:.3f} ({r.runs} runs)") for r in report.latency
     ]

@@ -1,11 +1,16 @@
-"""Top-k accuracy and loss over a labelled image set."""
+"""Top-k accuracy and loss over a labelled image set; top-1 predictions of a model or an ONNX Runtime session."""
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from deepshrink.data.datasets import ImageSet, iterate_batches
+from deepshrink.export.onnx import run_ort
+
+Predict = Callable[[torch.Tensor], torch.Tensor]  # images -> logits: a PyTorch model or an ONNX Runtime session
+BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,35 @@ def evaluate_accuracy(model: nn.Module, data: ImageSet, batch_size: int = 500) -
     return AccuracyResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, n)
 
 
-def ort_predictions(session, data: ImageSet, batch_size: int = 500) -> torch.Tensor:
+def torch_predict(model: nn.Module) -> Predict:
+    model.eval()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return predict
+
+
+def ort_predict(session) -> Predict:
+    return lambda x: torch.from_numpy(run_ort(session, x))
+
+
+def _batches(data: ImageSet, sigma: float, seed: int) -> Iterator[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(data), BATCH):
+        images = data.images[start : start + BATCH]
+        yield images + sigma * torch.randn(images.shape, generator=generator) if sigma else images
+
+
+def predictions(predict: Predict, data: ImageSet, sigma: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """The top-1 class of every image, with Gaussian noise of ``sigma`` added first when it is non-zero."""
+    return torch.cat([predict(images).argmax(1) for images in _batches(data, sigma, seed)])
+
+
+def ort_predictions(session, data: ImageSet) -> torch.Tensor:
     """Top-1 class of every image from an ONNX Runtime session."""
-    name = session.get_inputs()[0].name
-    batches = [session.run(None, {name: data.images[i : i + batch_size].numpy()})[0] for i in range(0, len(data), batch_size)]
-    return torch.cat([torch.from_numpy(logits).argmax(1) for logits in batches])
+    return predictions(ort_predict(session), data)
 
 
 def ort_top1(session, data: ImageSet) -> float:

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from deepshrink.data.datasets import ImageSet
-from deepshrink.evaluate.accuracy import AccuracyResult, evaluate_accuracy
+from deepshrink.evaluate.accuracy import AccuracyResult, evaluate_accuracy, predictions, torch_predict
 from deepshrink.evaluate.environment import environment
 from deepshrink.evaluate.flops import ComputeReport, count_compute, flop_counter_flops
 from deepshrink.evaluate.latency import LatencyResult, ort_latency, ort_peak_memory, torch_latency, torch_peak_memory
+from deepshrink.evaluate.robustness import RobustnessReport, measure_robustness
 from deepshrink.evaluate.size import SizeReport, measure_size
 from deepshrink.export.onnx import onnx_bytes, ort_session, run_ort
 
@@ -35,6 +36,7 @@ class EvalReport:
     onnx: OnnxCheck | None = None
     flop_counter_flops: int = 0  # torch.utils.flop_counter's total, a cross-check of compute.conv_linear_flops
     compression_ratio: float | None = None  # reference disk bytes / this model's disk bytes
+    robustness: RobustnessReport | None = None  # Top-1 and flips under input noise; agreement with the reference
     eval_time_s: float = 0.0
     environment: dict = field(default_factory=environment)
 
@@ -78,7 +80,7 @@ def evaluate(
     onnx: bool = True,
     threads: int | None = None,
 ) -> EvalReport:
-    """Accuracy, size, MACs/FLOPs, latency (torch and ORT), peak memory, ONNX agreement."""
+    """Accuracy, robustness to input noise, size, MACs/FLOPs, latency (torch and ORT), peak memory, ONNX agreement."""
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -89,8 +91,11 @@ def evaluate(
     size = measure_size(model, onnx_bytes=len(proto) if proto else None)
     report = EvalReport(name, input_shape, accuracy, size, count_compute(model, input_shape))
     report.flop_counter_flops = flop_counter_flops(model, input_shape)
+    reference_predictions = None
     if reference is not None:
         report.compression_ratio = measure_size(reference).disk_bytes / size.disk_bytes
+        reference_predictions = predictions(torch_predict(reference), test)
+    report.robustness = measure_robustness(torch_predict(model), test, reference_predictions)
     largest = max(batch_sizes)
     report.peak_memory_bytes["torch"] = torch_peak_memory(model, input_shape, largest)
     report.latency += [torch_latency(model, input_shape, b, repeats) for b in batch_sizes]
