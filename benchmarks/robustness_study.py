@@ -19,7 +19,7 @@ from deepshrink.evaluate.accuracy import ort_predict, predictions
 from deepshrink.evaluate.environment import environment
 from deepshrink.evaluate.robustness import NOISE_SIGMAS, measure_robustness
 from deepshrink.export import ort_session
-from deepshrink.pipeline.study import read_cells
+from deepshrink.pipeline.study import STUDY_MODELS, read_cells, resolve_methods
 from deepshrink.report import Column, markdown_table, print_table
 
 RESULTS = Path(__file__).parent / "results"
@@ -27,9 +27,17 @@ BASELINE = "original fp32"
 
 
 def latest_finished(rows: list[dict]) -> list[dict]:
-    """One row per (model, method): the last one written, if it finished."""
+    """One row per (model, method): the last one written, if it finished; in the study table's order."""
     latest = {(r["model"], r["method"]): r for r in rows}
-    return [r for r in latest.values() if r.get("status") == "ok"]
+    models, methods = list(STUDY_MODELS), list(resolve_methods(None))
+
+    def place(row: dict) -> tuple[int, int]:
+        return (
+            models.index(row["model"]) if row["model"] in models else len(models),
+            methods.index(row["method"]) if row["method"] in methods else len(methods),
+        )
+
+    return sorted((r for r in latest.values() if r.get("status") == "ok"), key=place)
 
 
 def measure(cells: list[dict], test, threads: int) -> list[dict]:
@@ -76,29 +84,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=Path("runs/study-full"), help="a study folder with cells.jsonl and its runs")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cells = latest_finished(read_cells(args.study / "cells.jsonl"))
     if not cells:
         raise SystemExit(f"error: no finished cells in {args.study / 'cells.jsonl'}")
     test = load_data().test
     rows = measure(cells, test, args.threads)
-    env = {**environment(), "ort_threads": args.threads}
+    write_reports(rows, {**environment(), "ort_threads": args.threads}, args.study)
+    print_table(rows, columns(), title="robustness of the study's models")
+
+
+def write_reports(rows: list[dict], env: dict, study: Path) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "robustness.json").write_text(
-        json.dumps({"environment": env, "study": str(args.study), "noise_sigmas": list(NOISE_SIGMAS), "rows": rows}, indent=2) + "\n"
+        json.dumps({"environment": env, "study": str(study), "noise_sigmas": list(NOISE_SIGMAS), "rows": rows}, indent=2) + "\n"
     )
     header = (
         "# Robustness and stability of the study's compressed models\n\n"
         f"Fashion-MNIST test set ({rows[0]['test_images']:,} images); each cell's deployed `model.onnx` in ONNX Runtime "
-        f"({args.threads} threads). Noise: Gaussian, added to the normalised input (pixel std 1), one seeded draw shared by "
+        f"({env['ort_threads']} threads). Noise: Gaussian, added to the normalised input (pixel std 1), one seeded draw shared by "
         "every cell. Flipped: images whose class changes when the noise is added. Agreement: clean test images classified "
         "as the same model's fp32 baseline cell does.\n\n"
         f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}); onnxruntime {env['versions']['onnxruntime']}; {env['date']}.\n"
-        f"Reproduce: `.venv/bin/python benchmarks/robustness_study.py --study {args.study}`\n\n"
+        f"Reproduce: `.venv/bin/python benchmarks/robustness_study.py --study {study}`\n\n"
     )
     (RESULTS / "robustness.md").write_text(header + markdown_table(rows, columns()) + "\n")
-    print_table(rows, columns(), title="robustness of the study's models")
 
 
 if __name__ == "__main__":
