@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model: accuracy, size, MACs, latency (torch and ONNX Runtime), memory")
     p.add_argument("model", help="zoo name or module:function")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
+    p.add_argument(
+        "--reference", default=None, help="the original model (zoo name or module:function, pretrained): agreement and compression ratio"
+    )
     _add_data_args(p)
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--repeats", type=int, default=30)
@@ -245,9 +248,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     data = _load_data(args)
     model = resolve_model(args.model, args.weights)
+    reference = resolve_model(args.reference) if args.reference else None
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     report = evaluate(
-        model, data.test, args.model, batch_sizes=batch_sizes, repeats=args.repeats, onnx=not args.no_onnx, threads=args.threads
+        model,
+        data.test,
+        args.model,
+        reference=reference,
+        batch_sizes=batch_sizes,
+        repeats=args.repeats,
+        onnx=not args.no_onnx,
+        threads=args.threads,
     )
     manifest_top1 = read_manifest().get(args.model, {}).get("test_top1") if args.weights is None else None
     if args.json:
@@ -276,6 +287,8 @@ def _print_eval_report(report, manifest_top1: float | None, layers: bool) -> Non
     ]
     if report.robustness:
         rows.append(("Top-1 % under input noise", report.robustness.describe()))
+    if report.compression_ratio is not None:
+        rows.append(("compression vs reference", f"{report.compression_ratio:.2f}x (bytes on disk)"))
     rows += [
         (f"{r.backend} batch {r.batch_size} ms", f"median {r.median_ms:.3f}, p90 {r.p90_ms:.3f} ({r.runs} runs)") for r in report.latency
     ]

@@ -42,10 +42,14 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
     )
     assert code == 0 and weights.is_file()
     code, out, _ = run_cli(
-        capsys, "eval", "lenet300", "--weights", str(weights), "--test-subset", "500", "--json", "--repeats", "3", "--threads", "1"
+        capsys,
+        *("eval", "lenet300", "--weights", str(weights), "--reference", "lenet300", "--test-subset", "500", "--json"),
+        *("--repeats", "3", "--threads", "1"),
     )
     report = json.loads(out)
     assert code == 0
+    assert 70.0 < report["robustness"]["agreement"] < 100.0  # a different training run than the zoo's
+    assert report["compression_ratio"] == 1.0
     assert report["accuracy"]["top1"] > 70.0  # 2 epochs on 3,000 images; chance is 10%
     assert report["accuracy"]["samples"] == 500
     assert report["onnx"]["top1_agreement"] == 100.0 and report["onnx"]["max_abs_diff"] < 1e-4
