@@ -1,6 +1,6 @@
 """Top-k accuracy and loss over a labelled image set; top-1 predictions of a model or an ONNX Runtime session."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +40,16 @@ def evaluate_accuracy(model: nn.Module, data: ImageSet, batch_size: int = 500) -
 
 
 def torch_predict(model: nn.Module) -> Predict:
-    model.eval()
+    """Logits in eval mode without gradients; the model's own mode is restored after each call."""
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(x)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            model.train(was_training)
 
     return predict
 
@@ -53,16 +58,15 @@ def ort_predict(session) -> Predict:
     return lambda x: torch.from_numpy(run_ort(session, x))
 
 
-def _batches(data: ImageSet, sigma: float, seed: int) -> Iterator[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    for start in range(0, len(data), BATCH):
-        images = data.images[start : start + BATCH]
-        yield images + sigma * torch.randn(images.shape, generator=generator) if sigma else images
-
-
 def predictions(predict: Predict, data: ImageSet, sigma: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """The top-1 class of every image, with Gaussian noise of ``sigma`` added first when it is non-zero."""
-    return torch.cat([predict(images).argmax(1) for images in _batches(data, sigma, seed)])
+    """The top-1 class of every image, with Gaussian noise of ``sigma`` added first when it is non-zero
+    (one generator drawn in batch order, so every model sees the same noisy images)."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = []
+    for images, _ in iterate_batches(data, BATCH):
+        noisy = images + sigma * torch.randn(images.shape, generator=generator) if sigma else images
+        classes.append(predict(noisy).argmax(1))
+    return torch.cat(classes)
 
 
 def ort_predictions(session, data: ImageSet) -> torch.Tensor:
