@@ -3,11 +3,12 @@
 import importlib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from deepshrink.core.errors import InputError, WeightsError
 from deepshrink.models.weights import PRETRAINED_DIR, load_weights, read_manifest, save_weights
-from deepshrink.models.zoo import MODELS
+from deepshrink.models.zoo import MODELS, ZOO_INPUT_SIDE
 
 
 def list_models() -> list[str]:
@@ -45,13 +46,28 @@ def load_user_model(spec: str, weights: str | Path | None = None, **kwargs) -> n
 
 
 def resolve_model(name_or_spec: str, weights: str | Path | None = None, pretrained: bool = True) -> nn.Module:
-    """A zoo name (pretrained unless ``weights`` is given) or a user ``module:function``."""
+    """A zoo name (pretrained unless ``weights`` is given) or a user ``module:function``.
+
+    Weights of a zoo model may have fewer channels than the zoo's definition (a
+    channel-pruned checkpoint): the layers are rebuilt to the saved shapes, then
+    one forward pass on a zoo-sized input checks that the shapes chain."""
     if ":" in name_or_spec:
         return load_user_model(name_or_spec, weights)
     model = create_model(name_or_spec, pretrained=pretrained and weights is None)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, resize=True)
+        _check_runs(model, weights)
     return model
+
+
+def _check_runs(model: nn.Module, weights: str | Path) -> None:
+    first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    channels = first.in_channels if isinstance(first, nn.Conv2d) else 1
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, ZOO_INPUT_SIDE, ZOO_INPUT_SIDE))
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights}: the layer shapes in these weights do not chain ({str(exc).splitlines()[0]})") from None
 
 
 def build_architecture(architecture: dict | None) -> nn.Module:

@@ -14,6 +14,7 @@ from deepshrink.core.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
+ZOO_INPUT_SIDE = 28  # the default input side; the MLP/LeNet builders take another as input_size
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -25,7 +26,7 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups:
 
 
 @MODELS.register("lenet300")
-def lenet300(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
+def lenet300(in_channels: int = 1, num_classes: int = 10, input_size: int = ZOO_INPUT_SIDE) -> nn.Module:
     """LeNet-300-100: the fully connected MNIST network of the Deep Compression paper."""
     return nn.Sequential(
         nn.Flatten(),
@@ -58,13 +59,13 @@ def _lenet(in_channels: int, num_classes: int, input_size: int, convs: tuple[int
 
 
 @MODELS.register("lenet5")
-def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
+def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = ZOO_INPUT_SIDE) -> nn.Module:
     """Classic LeNet-5 (6/16 convs, 120/84 fc); padding 2 so 28x28 sees the 32x32 geometry."""
     return _lenet(in_channels, num_classes, input_size, (6, 16), (120, 84), pad=2)
 
 
 @MODELS.register("lenet5_caffe")
-def lenet5_caffe(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
+def lenet5_caffe(in_channels: int = 1, num_classes: int = 10, input_size: int = ZOO_INPUT_SIDE) -> nn.Module:
     """Caffe's LeNet-5 (conv 20/50, fc 500): the ~431K-weight model in Deep Compression."""
     return _lenet(in_channels, num_classes, input_size, (20, 50), (500,), pad=0)
 
@@ -212,7 +213,7 @@ def resnet20_thin(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
 
 @MODELS.register("lenet_small")
-def lenet_small(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
+def lenet_small(in_channels: int = 1, num_classes: int = 10, input_size: int = ZOO_INPUT_SIDE) -> nn.Module:
     """A small LeNet (4/8 convs, one 32-unit hidden layer, ~8K params), a KD student."""
     return _lenet(in_channels, num_classes, input_size, (4, 8), (32,), pad=2)
 
