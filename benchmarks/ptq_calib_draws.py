@@ -66,7 +66,11 @@ def model_rows(name: str, data, draws: list[torch.Tensor], threads: int) -> list
         for tool in ("deepshrink PTQ", "ORT quantize_static"):
             top1 = []
             for k, calib in enumerate(draws):
-                proto = ours(model, calib, reduce_range) if tool == "deepshrink PTQ" else ort_quantize_static_bytes(fp32, calib.numpy(), reduce_range)
+                proto = (
+                    ours(model, calib, reduce_range)
+                    if tool == "deepshrink PTQ"
+                    else ort_quantize_static_bytes(fp32, calib.numpy(), reduce_range)
+                )
                 top1.append(ort_top1(proto, data, threads))
                 print(f"{name} {setting} {tool} draw {k}: {top1[-1]:.2f}", flush=True)
             rows.append(

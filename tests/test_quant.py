@@ -23,8 +23,10 @@ from deepshrink.compress.quant import (
     quant_layers,
     save_quantized_model,
 )
+from deepshrink.compress.quant.config import resolve_reduce_range
 from deepshrink.compress.quant.mixed import plan_fraction, weight_budget_bits
 from deepshrink.compress.quant.qat import layer_plan
+from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
@@ -247,6 +249,22 @@ def test_mixed_precision_gives_sensitive_layers_more_bits(trained):
     assert plan[most] >= min(plan.values())
     for name, by_bits in qmodel.bit_sensitivity.items():  # Fisher-weighted noise shrinks as bits grow
         assert by_bits[2] > by_bits[4] > by_bits[8] >= 0, name
+
+
+def test_post_training_mixed_precision_keeps_the_folded_weights_and_fits_the_budget(trained):
+    """``train: false`` stops at the calibrated plan: no weight moves, the file still fits."""
+    model, data = trained
+    cfg = MixedPrecision(size_fraction=0.42, candidate_bits=(2, 4, 8), sensitivity_samples=128, qat=QAT(calib_samples=128), train=False)
+    qmodel = apply_method(model, cfg, Context(data, progress=False))
+    assert len(set(qmodel.bit_plan.values())) > 1
+    folded = dict(fold_batchnorm(model).named_modules())
+    for name, layer in quant_layers(qmodel):
+        assert torch.equal(layer.weight, folded[name].weight), name
+        bits = qmodel.bit_plan[name]
+        assert layer.weight_quant.spec.bits == (min(bits, 7) if resolve_reduce_range(None) else bits)  # 8-bit on 7 without VNNI
+    with tempfile.TemporaryDirectory() as tmp:
+        assert save_quantized_model(qmodel, Path(tmp) / "m.safetensors") <= 0.42 * 4 * sum(p.numel() for p in model.parameters())
+    assert accuracy(qmodel, data.test.images, data.test.labels) >= accuracy(model, data.test.images, data.test.labels) - 0.1
 
 
 @pytest.mark.parametrize("observer", ["mse", "entropy", "percentile", "minmax"])

@@ -67,6 +67,13 @@ def test_qat_4bit_writes_half_byte_weights_that_reload(capsys, tmp_path):
     assert agree >= 7 / 8
 
 
+def test_mixed_with_zero_epochs_is_post_training_within_its_budget(capsys, tmp_path):
+    report = quantize(capsys, tmp_path, "lenet5", "--scheme", "mixed", "--epochs", "0", "--calib-samples", "256")
+    assert report["config"]["train"] is False and len(set(report["bit_plan"].values())) > 1
+    assert report["quantized"]["bytes"] <= report["fp32"]["bytes"] / 6
+    assert report["quantized"]["top1"] >= report["fp32"]["top1"] - 1.0  # Fisher-planned bits hold lenet5 without any training
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

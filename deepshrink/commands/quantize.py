@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=512, help="training images used for calibration")
     p.add_argument("--observer", choices=["minmax", "moving_average", "percentile", "mse", "entropy"], default="mse")
     p.add_argument("--size-fraction", type=float, default=1 / 6, help="mixed: model size budget as a fraction of fp32")
-    p.add_argument("--epochs", type=int, default=3, help="QAT epochs")
+    p.add_argument("--epochs", type=int, default=3, help="QAT epochs (mixed: 0 stops at the calibrated plan, post-training)")
     p.add_argument("--lr", type=float, default=0.002, help="QAT peak learning rate (BN is folded: 0.01 diverges)")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="output folder (default: runs/quantize-<model>-<scheme>)")
@@ -42,15 +42,16 @@ def quant_config(args: argparse.Namespace):
         return PTQ(
             weight_bits=args.bits or 8, activation_bits=act_bits, activation_observer=args.observer, calib_samples=args.calib_samples
         )
-    if args.epochs < 1:
+    post_training = args.scheme == "mixed" and args.epochs == 0
+    if args.epochs < 1 and not post_training:
         raise DeepShrinkError(f"--epochs must be >= 1 for --scheme {args.scheme}, got {args.epochs}")
-    train = TrainConfig(epochs=args.epochs, lr=args.lr, schedule="cosine", weight_decay=0.0, threads=args.threads)
+    train = TrainConfig(epochs=max(args.epochs, 1), lr=args.lr, schedule="cosine", weight_decay=0.0, threads=args.threads)
     quantizer = {"qat": "lsq", "binary": "binary", "ternary": "ternary", "mixed": "lsq"}[args.scheme]
     qat = QAT(
         weight_bits=args.bits or 4, activation_bits=act_bits, weight_quantizer=quantizer, calib_samples=args.calib_samples, finetune=train
     )
     if args.scheme == "mixed":
-        return MixedPrecision(size_fraction=args.size_fraction, qat=qat)
+        return MixedPrecision(size_fraction=args.size_fraction, qat=qat, train=not post_training)
     return qat
 
 

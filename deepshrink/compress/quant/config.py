@@ -85,13 +85,15 @@ class QAT(Config):
 @dataclass(frozen=True)
 class MixedPrecision(Config):
     """Per-layer weight bit widths chosen from measured sensitivity so that the
-    bit-packed file fits ``size_fraction`` of the fp32 parameter bytes, then trained with QAT."""
+    bit-packed file fits ``size_fraction`` of the fp32 parameter bytes, then trained
+    with QAT; ``train: false`` stops at the calibrated plan (post-training, no QAT)."""
 
     size_fraction: float = 1 / 6
     candidate_bits: tuple[int, ...] = (2, 3, 4, 6, 8)
     sensitivity_samples: int = 1000
     sensitivity: Literal["fisher", "loss"] = "fisher"  # see compress/quant/mixed.py
     qat: QAT = QAT()
+    train: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.size_fraction <= 1:

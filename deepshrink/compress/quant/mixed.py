@@ -187,7 +187,11 @@ def plan_bits(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> tuple[dict
 @register(MixedPrecision)
 def _apply_mixed(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.Module:
     plan, sensitivity = plan_bits(model, cfg, ctx)
-    qmodel = qat(model, replace(cfg.qat, layer_bits=plan, keep_first_last=False), ctx)
+    planned = replace(cfg.qat, layer_bits=plan, keep_first_last=False)
+    if cfg.train:
+        qmodel = qat(model, planned, ctx)
+    else:
+        qmodel = prepare_qat(model, planned, calibration_batches(ctx, planned.calib_samples, ctx.calib)).eval()
     qmodel.bit_plan = plan
     qmodel.bit_sensitivity = sensitivity
     return qmodel
