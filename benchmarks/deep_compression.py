@@ -22,7 +22,7 @@ import zstandard
 
 from deepshrink.data import load_data
 from deepshrink.encode.pack import pack, unpack
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.models import create_model, list_models
 from deepshrink.models.weights import save_weights
 from deepshrink.pipeline.recipe import load_recipe
@@ -106,11 +106,7 @@ def main() -> None:
     recipe = load_recipe("deep-compression")
     env = environment()
     sections, payload = [], {"environment": env, "threads": args.threads, "recipe": recipe.source, "models": {}}
-    header = (
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores; threads: {args.threads}; date: {env['date']}.\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n"
-        "Reproduce: `.venv/bin/python benchmarks/deep_compression.py`\n\n"
-    )
+    header = describe_environment(env, args.threads) + "Reproduce: `.venv/bin/python benchmarks/deep_compression.py`\n\n"
     RESULTS.mkdir(exist_ok=True)
     if args.part in ("all", "recipe"):
         for name in args.models.split(","):

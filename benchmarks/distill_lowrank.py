@@ -41,7 +41,7 @@ from deepshrink.compress.structure.separable import Separable, substitute_separa
 from deepshrink.core.config import Scope
 from deepshrink.data import load_data
 from deepshrink.evaluate import count_compute, evaluate_accuracy, measure_size
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.evaluate.latency import time_callable
 from deepshrink.export import onnx_bytes, ort_session, run_ort, verify_onnx
 from deepshrink.models import create_model
@@ -361,9 +361,7 @@ def write_report(results: dict, env: dict, args) -> None:
     lines = [
         "# Distillation, low-rank factorisation, depthwise-separable substitution (Fashion-MNIST test set)",
         "",
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores, shared with other jobs; threads: {args.threads}; "
-        f"date: {env['date']}.",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.",
+        *describe_environment(env, args.threads, shared=True).splitlines(),
         "Latency: ONNX Runtime, median over 3 interleaved rounds of the median of "
         f"{args.repeats} runs after warm-up; original and compressed timed in the same run.",
         f"Reproduce: `.venv/bin/python benchmarks/distill_lowrank.py --threads {args.threads}`",

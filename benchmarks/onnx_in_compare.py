@@ -41,7 +41,7 @@ from peers import ort_quantize_static
 from deepshrink.compress.quant.config import PTQ
 from deepshrink.core.config import Scope
 from deepshrink.data import load_data
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.export import export_onnx
 from deepshrink.models import create_model
 from deepshrink.onnx_in import (
@@ -289,9 +289,8 @@ def write_results(env: dict, args, rows: list[dict], summary: dict, torch_ptq: d
     )
     text = (
         "# ONNX-in static int8 vs ONNX Runtime's quantize_static (resnet20, Fashion-MNIST)\n\n"
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores; ORT threads: {args.threads}; date: {env['date']}.\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n"
-        f"Calibration: first {CALIB} training images; Top-1 on the 10,000 test images, all in ONNX Runtime.\n"
+        + describe_environment(env, args.threads)
+        + f"Calibration: first {CALIB} training images; Top-1 on the 10,000 test images, all in ONNX Runtime.\n"
         f"Latency: {args.runs} runs per model at batch 64 ({10 * args.runs} at batch 1) after warm-up, the models taking turns run by run; "
         "median ms; *paired* = median over time slots of fp32 ms / model ms.\n"
         f"Load average (1/5/15 min) at start {_load(env, 'start')}, at end {_load(env, 'end')}: the machine is shared, so compare within this run.\n"

@@ -27,7 +27,7 @@ from deepshrink.compress.prune import ChannelPrune, MagnitudePrune
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
 from deepshrink.evaluate import count_compute, evaluate_accuracy, measure_size
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.evaluate.latency import ort_latency
 from deepshrink.export import onnx_bytes, ort_session
 from deepshrink.models import create_model
@@ -174,9 +174,8 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     header = (
         "# Pruning, side by side (Fashion-MNIST test set)\n\n"
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores; threads: {args.threads}; date: {env['date']}.\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}, torch-pruning {tp.__version__}.\n"
-        "Latency: ONNX Runtime, median of 50 runs after warm-up, both models timed in this run.\n"
+        + describe_environment(env, args.threads, extra_versions={"torch-pruning": tp.__version__})
+        + "Latency: ONNX Runtime, median of 50 runs after warm-up, both models timed in this run.\n"
         "Reproduce: `.venv/bin/python benchmarks/prune_compare.py`\n\n"
     )
     text = (

@@ -26,7 +26,7 @@ from deepshrink.compress.quant import PTQ
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
 from deepshrink.evaluate.accuracy import ort_predictions
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.export import onnx_bytes, ort_session
 from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models import create_model
@@ -107,9 +107,8 @@ def write(payload: dict) -> None:
     env = payload["environment"]
     text = (
         "# int8 PTQ over calibration draws: deepshrink vs ONNX Runtime quantize_static\n\n"
-        f"Machine: {env['cpu']}, {env['cores']} cores; threads: {payload['threads']}; date: {env['date']}.\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n"
-        f"{payload['draws']} disjoint draws of {CALIB_SAMPLES} training images (draw 0: the first {CALIB_SAMPLES}). "
+        + describe_environment(env, payload["threads"])
+        + f"{payload['draws']} disjoint draws of {CALIB_SAMPLES} training images (draw 0: the first {CALIB_SAMPLES}). "
         "Top-1 is ONNX Runtime on the 10,000 test images.\n"
         f"Reproduce: `.venv/bin/python benchmarks/ptq_calib_draws.py --draws {payload['draws']} --models {','.join(payload['models'])}`\n\n"
     )

@@ -33,7 +33,7 @@ from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
 from deepshrink.evaluate import evaluate_accuracy
 from deepshrink.evaluate.accuracy import ort_predictions
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.evaluate.latency import ort_latency_interleaved, torch_latency
 from deepshrink.export import onnx_bytes, ort_session
 from deepshrink.export.qdq import quantized_onnx_bytes
@@ -246,9 +246,8 @@ def write_markdown(payload: dict) -> None:
     env = payload["environment"]
     text = (
         "# Quantization, side by side (Fashion-MNIST test set, 10,000 images)\n\n"
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores; threads: {payload['threads']}; "
-        f"date: {env['date']}.\nVersions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n"
-        "Calibration: the first 512 training images, for every method. Latency: ONNX Runtime, median over interleaved rounds.\n"
+        + describe_environment(env, payload["threads"])
+        + "Calibration: the first 512 training images, for every method. Latency: ONNX Runtime, median over interleaved rounds.\n"
         "Reproduce: `.venv/bin/python benchmarks/quant_compare.py --part ptq` and `--part qat`\n\n"
     )
     if payload.get("ptq"):

@@ -37,7 +37,7 @@ from torch import nn
 import deepshrink.transformers as dt
 from deepshrink.compress.quant.dynamic import DynamicQuant, parameter_count, quantize_dynamic
 from deepshrink.core.methods import Context, apply_method
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.evaluate.latency import time_callable
 from deepshrink.report import Column, markdown_table, print_table
 
@@ -447,9 +447,8 @@ def write(quant, prune, extra, acceptance, env, setup) -> None:
         "# Transformer compression: dynamic int8 and head/neuron pruning, side by side\n\n"
         f"Model: {setup['model']}. Fidelity: cosine of mean-pooled embeddings vs the fp32 torch model on "
         f"{setup['texts']} varied sentences ({setup['tokens']} tokens).\n"
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores, shared with other jobs; threads: {setup['threads']}; "
-        f"date: {env['date']}.\nVersions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n"
-        f"Latency: batch {setup['latency_batch'][0]} x {setup['latency_batch'][1]} tokens, median of {setup['rounds']} interleaved rounds "
+        + describe_environment(env, setup["threads"], shared=True)
+        + f"Latency: batch {setup['latency_batch'][0]} x {setup['latency_batch'][1]} tokens, median of {setup['rounds']} interleaved rounds "
         f"of {setup['repeats']} runs after warm-up, every model timed in this run.\n"
         "Reproduce: `.venv/bin/python benchmarks/transformer_compare.py`\n\n"
     )

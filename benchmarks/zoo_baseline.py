@@ -15,7 +15,7 @@ import torch
 
 from deepshrink.data import load_data
 from deepshrink.evaluate import evaluate
-from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.models import create_model, list_models
 from deepshrink.models.weights import read_manifest
 from deepshrink.report import markdown_table, print_table, zoo_columns
@@ -42,9 +42,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     header = (
         "# Zoo baseline (uncompressed, Fashion-MNIST test set, 10,000 images)\n\n"
-        f"Machine: {env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cores']} cores; threads: {args.threads}; "
-        f"latency: median of {args.repeats} runs after 5 warm-up runs; date: {env['date']}.\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.\n\n"
+        + describe_environment(env, args.threads)
+        + f"Latency: median of {args.repeats} runs after 5 warm-up runs.\n\n"
         "Reproduce: `.venv/bin/python benchmarks/zoo_baseline.py`\n\n"
     )
     (RESULTS / "zoo_baseline.md").write_text(header + markdown_table(reports, columns))

@@ -51,3 +51,15 @@ def environment() -> dict:
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("deepshrink", "torch", "onnx", "onnxruntime", "numpy", "safetensors")},
     }
+
+
+def describe_environment(env: dict, threads: int | None, shared: bool = False, extra_versions: dict[str, str] | None = None) -> str:
+    """The two lines every results file opens with: the machine (and whether other jobs
+    shared it), the threads, the date, and the package versions."""
+    flags = f" ({', '.join(env['cpu_flags'])})" if env.get("cpu_flags") else ""
+    sharing = ", shared with other jobs" if shared else ""
+    versions = {**env["versions"], **(extra_versions or {})}
+    return (
+        f"Machine: {env['cpu']}{flags}, {env['cores']} cores{sharing}; threads: {threads}; date: {env['date']}.\n"
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.\n"
+    )
