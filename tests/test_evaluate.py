@@ -7,6 +7,7 @@ from torch import nn
 
 from deepshrink.data import ImageSet
 from deepshrink.evaluate import count_compute, evaluate, evaluate_accuracy, measure_size
+from deepshrink.evaluate.environment import describe_environment
 from deepshrink.evaluate.flops import flop_counter_flops
 from deepshrink.evaluate.latency import time_callable
 from deepshrink.models import create_model, list_models
@@ -106,3 +107,18 @@ def test_evaluate_report_is_complete_and_onnx_agrees(tiny_images):
     assert report.flop_counter_flops == report.compute.conv_linear_flops
     assert report.compression_ratio == pytest.approx(measure_size(create_model("lenet300")).disk_bytes / report.size.disk_bytes)
     assert report.to_dict()["environment"]["versions"]["torch"].startswith("2.13.0")
+
+
+def test_results_header_names_machine_threads_and_every_version():
+    env = {
+        "cpu": "Some CPU",
+        "cpu_flags": ["avx2"],
+        "cores": 2,
+        "date": "2026-01-01T00:00:00Z",
+        "versions": {"torch": "2.13.0", "onnxruntime": "1.32.0"},
+    }
+    text = describe_environment(env, 2, shared=True, extra_versions={"torch-pruning": "1.6"})
+    machine, versions = text.splitlines()
+    assert machine == "Machine: Some CPU (avx2), 2 cores, shared with other jobs; threads: 2; date: 2026-01-01T00:00:00Z."
+    assert versions == "Versions: torch 2.13.0, onnxruntime 1.32.0, torch-pruning 1.6."
+    assert describe_environment({**env, "cpu_flags": []}, 1).startswith("Machine: Some CPU, 2 cores; threads: 1;")
