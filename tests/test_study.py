@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 from deepshrink import cli
 from deepshrink.core.errors import InputError
@@ -86,8 +87,10 @@ def test_study_cells_measure_the_files_on_disk(study):
 def test_study_writes_reports(study):
     payload = json.loads((study.out_dir / "study.json").read_text())
     assert payload["budget"]["name"] == "tiny" and len(payload["rows"]) == 3 and "versions" in payload["environment"]
+    assert payload["threads_per_cell"] == 1 and payload["workers"] == 2
     text = (study.out_dir / "study.md").read_text()
     assert text.count("| lenet5 |") == 3
+    assert "threads: 1;" in text and f"torch {torch.__version__}" in text  # machine and versions recorded
     html = (study.out_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and "structured prune" in html
 

@@ -187,6 +187,8 @@ class StudyResult:
     rows: list[dict]
     budget: Budget
     wall_s: float
+    threads: int  # per cell
+    workers: int  # cells run at once (by this call; a resumed study keeps earlier cells' rows)
 
 
 def read_cells(path: Path) -> list[dict]:
@@ -236,13 +238,14 @@ def run_study(
         for method, recipe in methods.items()
         if f"{m}/{method}" not in done
     ]
+    workers = workers or default_workers(threads)
     start = time.perf_counter()
-    for row in _run_cells(todo, workers or default_workers(threads), progress):
+    for row in _run_cells(todo, workers, progress):
         with cells_path.open("a") as handle:  # one line per finished cell: the resume point
             handle.write(json.dumps(row) + "\n")
         done[f"{row['model']}/{row['method']}"] = row
     ordered = [done[f"{m}/{method}"] for m in models for method in methods if f"{m}/{method}" in done]
-    result = StudyResult(out_dir, ordered, budget, time.perf_counter() - start)
+    result = StudyResult(out_dir, ordered, budget, time.perf_counter() - start, threads, workers)
     write_study_reports(result)
     return result
 
@@ -268,15 +271,23 @@ def _run_cells(cells: list[Cell], workers: int, progress: bool):
 
 
 def write_study_reports(result: StudyResult) -> None:
-    from deepshrink.evaluate.environment import environment
+    from deepshrink.evaluate.environment import describe_environment, environment
     from deepshrink.export.onnx import write_atomic
     from deepshrink.report import write_html_report
     from deepshrink.report.tables import markdown_table
 
     env = environment()
-    payload = {"budget": asdict(result.budget), "environment": env, "wall_s": result.wall_s, "rows": result.rows}
+    payload = {
+        "budget": asdict(result.budget),
+        "environment": env,
+        "threads_per_cell": result.threads,
+        "workers": result.workers,
+        "wall_s": result.wall_s,
+        "rows": result.rows,
+    }
     write_atomic(result.out_dir / "study.json", (json.dumps(payload, indent=2, default=str) + "\n").encode())
-    text = f"# Comparative study ({result.budget.name} budget)\n\n" + _budget_note(result.budget) + "\n\n"
+    text = f"# Comparative study ({result.budget.name} budget)\n\n" + describe_environment(env, result.threads)  # threads per cell
+    text += "\n" + _budget_note(result.budget) + "\n\n"
     text += markdown_table(result.rows, STUDY_COLUMNS) + STUDY_NOTES
     write_atomic(result.out_dir / "study.md", text.encode())
     clean = [{k: v for k, v in r.items() if k != "traceback"} for r in result.rows]
