@@ -25,7 +25,7 @@ from quant_compare import PTQ_MODELS, RESULTS, SHAPE, ort_quantize_static_bytes
 from deepshrink.compress.quant import PTQ
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
-from deepshrink.evaluate.accuracy import ort_predictions
+from deepshrink.evaluate.accuracy import ort_top1
 from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.export import onnx_bytes, ort_session
 from deepshrink.export.qdq import quantized_onnx_bytes
@@ -45,11 +45,6 @@ def calibration_draws(train_images: torch.Tensor, draws: int) -> list[torch.Tens
     return [first] + [rest[order[k * CALIB_SAMPLES : (k + 1) * CALIB_SAMPLES]] for k in range(draws - 1)]
 
 
-def ort_top1(proto: bytes, data, threads: int) -> float:
-    preds = ort_predictions(ort_session(proto, threads), data.test).numpy()
-    return 100.0 * float((preds == data.test.labels.numpy()).mean())
-
-
 def ours(model, calib: torch.Tensor, reduce_range: bool) -> bytes:
     batches = list(calib.split(128))
     qmodel = apply_method(model, PTQ(calib_samples=len(calib), reduce_range=reduce_range), Context(progress=False, calib=batches))
@@ -59,7 +54,7 @@ def ours(model, calib: torch.Tensor, reduce_range: bool) -> bytes:
 def model_rows(name: str, data, draws: list[torch.Tensor], threads: int) -> list[dict]:
     model = create_model(name, pretrained=True).eval()
     fp32 = onnx_bytes(model, SHAPE)
-    fp32_top1 = ort_top1(fp32, data, threads)
+    fp32_top1 = ort_top1(ort_session(fp32, threads), data.test)
     rows = []
     for reduce_range in (False, True):
         setting = "reduce_range" if reduce_range else "full 8-bit"
@@ -71,7 +66,7 @@ def model_rows(name: str, data, draws: list[torch.Tensor], threads: int) -> list
                     if tool == "deepshrink PTQ"
                     else ort_quantize_static_bytes(fp32, calib.numpy(), reduce_range)
                 )
-                top1.append(ort_top1(proto, data, threads))
+                top1.append(ort_top1(ort_session(proto, threads), data.test))
                 print(f"{name} {setting} {tool} draw {k}: {top1[-1]:.2f}", flush=True)
             rows.append(
                 {
