@@ -11,12 +11,11 @@ unpickled or evaluated: the manifest is parsed with ``json.loads`` only.
 
 import hashlib
 import json
-import os
-import secrets
 import struct
 from pathlib import Path
 
 from deepshrink.core.errors import DeepShrinkError
+from deepshrink.core.files import write_atomic
 
 MAGIC = b"DSZ\x00"
 FORMAT_VERSION = 1
@@ -106,21 +105,8 @@ def unpack_archive(data: bytes) -> tuple[dict, dict[str, bytes]]:
 
 
 def write_archive(path: str | Path, manifest: dict, streams: dict[str, bytes]) -> Path:
-    """Write atomically (temp file in the same directory, fsync, rename) so a crash never leaves half an archive."""
-    path = Path(path)
-    data = pack_archive(manifest, streams)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # unlike mkstemp's 0600, honours the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write atomically and durably (``write_atomic``) so a crash never leaves half an archive."""
+    return write_atomic(path, pack_archive(manifest, streams))
 
 
 def read_archive(path: str | Path) -> tuple[dict, dict[str, bytes]]:

@@ -26,6 +26,7 @@ from deepshrink.compress.quant.config import PTQ
 from deepshrink.compress.share import KMeansShare
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.core.files import write_atomic
 from deepshrink.evaluate.environment import environment
 from deepshrink.onnx_in.clean import clean_onnx
 from deepshrink.onnx_in.data import NpzInputs, random_inputs, read_npz
@@ -219,9 +220,7 @@ def _report(path: Path, recipe: Recipe, stages: list[dict], cleaned, model, cali
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def _finish(out_dir: Path, model: onnx.ModelProto, dsz: Path | None, report: dict) -> None:
