@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--deterministic", action="store_true", help="error on any op without a deterministic kernel; exact (slower) cuDNN/cuBLAS paths"
+    )
 
     p = sub.add_parser("prune", help="prune (magnitude, channel or N:M), fine-tune, export; compare before and after")
     p.add_argument("model", help="zoo name or module:function")
@@ -194,6 +197,7 @@ def _print_zoo_evaluation(args: argparse.Namespace, manifest: dict) -> int:
 
 @command("compress")
 def _compress(args: argparse.Namespace) -> int:
+    from deepshrink.core.determinism import deterministic
     from deepshrink.models import architecture_of, list_models, resolve_model
     from deepshrink.pipeline.recipe import load_recipe
     from deepshrink.pipeline.runner import STAGE_COLUMNS, run_recipe
@@ -214,7 +218,8 @@ def _compress(args: argparse.Namespace) -> int:
     data = _load_data(args, train_subset=args.train_subset)
     out = args.out or f"runs/{recipe.name}-{args.model.replace(':', '_')}"
     model_name = args.model if args.model in list_models() else None
-    result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress, model_name=model_name)
+    with deterministic(strict=args.deterministic):
+        result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress, model_name=model_name)
     print_table(result.rows, STAGE_COLUMNS, title=f"{recipe.name} on {args.model} ({len(data.test):,} test images)")
     for path in (result.dsz_path, result.onnx_path):
         if path:
