@@ -41,8 +41,8 @@ from deepshrink.encode.step import Pack
 from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.export.onnx import onnx_bytes, ort_session, run_ort
 from deepshrink.models.weights import save_weights
-from deepshrink.pipeline.steps import Export, Finetune, Student, checkpoint_metadata, model_onnx_bytes, restore_step
 from deepshrink.onnx_in.data import NpzInputs
+from deepshrink.pipeline.steps import Export, Finetune, Student, checkpoint_metadata, model_onnx_bytes, restore_step
 from deepshrink.train import TrainConfig
 from deepshrink.transformers import TransformerPrune, TransformerSVD  # configs only: no transformers import
 
