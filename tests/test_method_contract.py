@@ -3,8 +3,8 @@
 For each registration: its config round-trips through ``to_dict``/``from_dict``;
 applying it leaves the caller's model untouched (state dict equal before and
 after); the result exports to ONNX and ONNX Runtime agrees with PyTorch (fp32:
-max abs diff < 1e-4; quantized: the same top-1 class on at least 15 of 16
-images); restoring it after a resume rebuilds the same structure, and the same
+max abs diff < 1e-4; quantized: the same top-1 class on at least 95% of 64
+images and max abs diff < 1e-2, one activation step or so); restoring it after a resume rebuilds the same structure, and the same
 weights once the checkpoint is loaded. An output step (pack, export) instead
 writes files that decode to the model and agree in ONNX Runtime. A method with
 an ONNX backend also runs on the exported graph without touching it.
@@ -13,7 +13,7 @@ The cases are enumerated from the registry, so a new registration without a
 case here fails ``test_every_registration_has_a_contract_case``.
 
 Budget: tiny models (a 2-conv net on 28x28, a 2-layer 64-wide BERT), 64
-training images, one epoch where a method trains: about 30 s on one CPU thread.
+training and 64 test images, one epoch where a method trains: about 30 s on one CPU thread.
 """
 
 import copy
@@ -50,7 +50,8 @@ pytestmark = pytest.mark.unit
 SHAPE = (1, 28, 28)
 TRAIN = TrainConfig(epochs=1, batch_size=32, lr=0.01, schedule="constant", weight_decay=0.0, channels_last=False)
 FP32_TOL = 1e-4
-INT8_AGREEMENT = 15 / 16
+INT8_AGREEMENT = 0.95
+INT8_TOL = 1e-2
 
 
 def tiny_net() -> nn.Module:
@@ -78,7 +79,7 @@ def tiny_net() -> nn.Module:
 def tiny_bundle() -> DataBundle:
     g = torch.Generator().manual_seed(3)
     train = ImageSet(torch.randn(64, *SHAPE, generator=g), torch.randint(0, 10, (64,), generator=g))
-    test = ImageSet(torch.randn(16, *SHAPE, generator=g), torch.randint(0, 10, (16,), generator=g))
+    test = ImageSet(torch.randn(64, *SHAPE, generator=g), torch.randint(0, 10, (64,), generator=g))
     return DataBundle("random", train, test, test, 10, (0.0,), (1.0,))
 
 
@@ -200,6 +201,7 @@ def _assert_ort_agrees(model: nn.Module, case: Case, quantized: bool) -> None:
         expected = model(images).numpy()
     if quantized:
         assert (got.argmax(1) == expected.argmax(1)).mean() >= INT8_AGREEMENT
+        assert np.abs(got - expected).max() < INT8_TOL
     else:
         assert np.abs(got - expected).max() < FP32_TOL
 
@@ -242,5 +244,6 @@ def test_onnx_backend_leaves_the_graph_and_agrees(step, tmp_path):
         reference = apply_method(folded, case.config, case.ctx)(images).numpy()
     if record.quantizes:
         assert (got.argmax(1) == reference.argmax(1)).mean() >= INT8_AGREEMENT
+        assert np.abs(got - reference).max() < INT8_TOL
     else:
         assert np.abs(got - reference).max() < FP32_TOL

@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import nn
 
+from deepshrink.compress.quant.dynamic import quantized_bytes, quantized_layers
 from deepshrink.compress.quant.modules import quant_layers
 from deepshrink.compress.quant.storage import save_quantized_model
 from deepshrink.core.config import Config, Scope
@@ -109,12 +110,16 @@ def stored_bytes(model: nn.Module) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         if is_quantized(model):
             return save_quantized_model(model, Path(tmp) / "stage.safetensors")
+        if quantized_layers(model):  # dynamic int8: the codes at one byte each, as the ONNX file stores them
+            return quantized_bytes(model)
         return pack(model, Path(tmp) / "stage.dsz").fixed_width_bytes
 
 
 def weight_count(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters), quantizer steps left out."""
     tensors = [p for name, p in model.named_parameters() if not name.endswith(".scale")]
+    for layer in quantized_layers(model).values():  # dynamic int8 layers hold their weights as buffers
+        tensors += [t for t in (layer.qweight, getattr(layer, "bias", None)) if t is not None]
     return sum(p.numel() for p in tensors), sum(int(torch.count_nonzero(p)) for p in tensors)
 
 
