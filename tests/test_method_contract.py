@@ -30,7 +30,7 @@ import deepshrink.onnx_in.pipeline  # noqa: F401  (attaches the ONNX backends)
 import deepshrink.pipeline.recipe  # noqa: F401  (imports every method family)
 from deepshrink.compress.distill import Distill
 from deepshrink.compress.lowrank import Decompose
-from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune
+from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune, Regularize
 from deepshrink.compress.quant import PTQ, QAT, DynamicQuant, MixedPrecision
 from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.compress.structure import FoldBN, Separable, fold_batchnorm
@@ -130,7 +130,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "separable": image_case(Separable()),
     "fold_bn": image_case(FoldBN()),
     "student": image_case(Student(model="lenet_small"), model_name="lenet300"),
-    "finetune": image_case(Finetune(train=TRAIN)),
+    "finetune": image_case(Finetune(train=TRAIN, regularize=Regularize(kind="bn_scale", strength=1e-3))),
     "pack": image_case(Pack()),
     "export": image_case(Export(check_images=16)),
     "transformer_prune": transformer_case(TransformerPrune(heads=0.5, neurons=0.5)),

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from deepshrink.compress.prune.masks import MaskHook, zero_masks
+from deepshrink.compress.prune.regularizers import Regularize
 from deepshrink.compress.quant.dynamic import quantized_layers
 from deepshrink.compress.quant.modules import quant_layers
 from deepshrink.core.config import Config
@@ -41,9 +42,12 @@ class Student(Config):
 
 @dataclass(frozen=True)
 class Finetune(Config):
-    """Train the current model with labels; weights that are exactly zero stay zero."""
+    """Train the current model with labels; weights that are exactly zero stay zero.
+    ``regularize`` adds a sparsity penalty (L1, group lasso, BN-scale L1) that drives
+    what a following prune step removes towards zero first."""
 
     train: TrainConfig = TrainConfig(epochs=2, lr=0.01, schedule="cosine", weight_decay=0.0)
+    regularize: Regularize | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class StudentMethod:
 class FinetuneMethod:
     def torch(self, model: nn.Module, cfg: Finetune, ctx: Context) -> nn.Module:
         hook = MaskHook(model, zero_masks(model))
-        Trainer(model, cfg.train, ctx.data.train, ctx.data.val, hooks=[hook], progress=ctx.progress).fit()
+        hooks = [hook] if cfg.regularize is None else [hook, cfg.regularize.hook(model)]
+        Trainer(model, cfg.train, ctx.data.train, ctx.data.val, hooks=hooks, progress=ctx.progress).fit()
         return hook.finalize()
 
 
