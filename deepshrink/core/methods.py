@@ -13,6 +13,7 @@ the contract test all read this one registry; nothing else lists methods.
         def torch(self, model, cfg, ctx): ...           # nn.Module -> nn.Module (gets a copy)
         def restore(self, model, cfg, ctx, saved): ...  # optional: the structure after the step
         def saved(self, model): ...                     # optional: metadata restore needs ({str: str})
+        def check(self, cfg, ctx): ...                  # optional: fail before any work (a name to resolve)
 
 An *output* step (``pack``, ``export``) writes the run's final files instead of
 changing the model: its ``torch`` returns a ``Written``. A backend that lives in
@@ -72,6 +73,7 @@ class Method:
     onnx: Callable[..., Any] | None = None  # (ModelProto, cfg, ctx) -> (ModelProto, details dict)
     restore: Callable[..., nn.Module] | None = None  # (model before the step, cfg, ctx, saved) -> the step's structure
     saved: Callable[[nn.Module], dict[str, str] | None] | None = None
+    check: Callable[[Any, "Context"], None] | None = None  # validates cfg against the context before a run starts
     output: bool = False  # writes the final files; nothing may follow it
     quantizes: bool = False  # leaves a quantized model: only output steps may follow
     trains: bool = False  # trains the whole model from labels or a teacher (what an untrained student needs next)
@@ -82,6 +84,10 @@ class Method:
         Without a ``restore`` the step keeps the structure (or only drops channels,
         which loading with ``resize=True`` rebuilds)."""
         return self.restore(model, cfg, ctx, saved) if self.restore else copy.deepcopy(model)
+
+    def check_context(self, cfg: Any, ctx: "Context") -> None:
+        if self.check:
+            self.check(cfg, ctx)
 
     def checkpoint_metadata(self, model: nn.Module) -> dict[str, str] | None:
         return self.saved(model) if self.saved else None
@@ -113,6 +119,7 @@ def method(
             getattr(impl, "onnx", None),
             getattr(impl, "restore", None),
             getattr(impl, "saved", None),
+            getattr(impl, "check", None),
             output,
             quantizes,
             trains,

@@ -33,7 +33,7 @@ from deepshrink.export.onnx import write_atomic
 from deepshrink.models import resolve_model
 from deepshrink.models.weights import save_weights
 from deepshrink.pipeline.recipe import Recipe
-from deepshrink.pipeline.steps import Export, Student, checkpoint_metadata, restore_step, student_name
+from deepshrink.pipeline.steps import Export, checkpoint_metadata, restore_step
 from deepshrink.report import write_html_report
 from deepshrink.report.tables import Column, markdown_table
 
@@ -173,9 +173,8 @@ def check_preconditions(recipe: Recipe, ctx: Context) -> None:
     """What a step names outside the recipe (a teacher, a student) must exist before a folder is made."""
     for i, (kind, cfg) in enumerate(recipe.steps):
         try:
-            if isinstance(cfg, Student):
-                student_name(cfg, ctx)
-            elif getattr(cfg, "teacher", None) is not None:
+            registration(cfg).check_context(cfg, ctx)
+            if getattr(cfg, "teacher", None) is not None:
                 resolve_model(cfg.teacher)
         except DeepShrinkError as exc:
             raise InputError(f"steps[{i}].{kind}: {exc}") from None

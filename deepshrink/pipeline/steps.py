@@ -84,6 +84,9 @@ class StudentMethod:
     def restore(self, model: nn.Module, cfg: Student, ctx: Context, saved: dict) -> nn.Module:
         return self.torch(model, cfg, ctx)
 
+    def check(self, cfg: Student, ctx: Context) -> None:
+        student_name(cfg, ctx)
+
 
 @method("finetune", Finetune, needs=("data",), trains=True)
 class FinetuneMethod:
