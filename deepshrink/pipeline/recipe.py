@@ -25,7 +25,6 @@ import deepshrink.transformers  # noqa: F401  (does not import the transformers 
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import registrations, step_types
-from deepshrink.encode.step import Pack  # noqa: F401  (re-exported: Pack was defined here)
 
 SCHEMA_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
