@@ -247,3 +247,21 @@ def test_onnx_backend_leaves_the_graph_and_agrees(step, tmp_path):
         assert np.abs(got - reference).max() < INT8_TOL
     else:
         assert np.abs(got - reference).max() < FP32_TOL
+
+
+def test_pack_of_a_quantized_model_stores_its_integers(tmp_path):
+    """The pack step's second path: a fake-quant model is archived as bit-packed integers and restored to the same function."""
+    case = CASES["quantize"]()
+    quantized = apply_method(case.model, case.config, case.ctx)
+    ctx = copy.copy(case.ctx)
+    ctx.out_dir = tmp_path
+    written = apply_method(quantized, Pack(), ctx)
+    assert written.files["archive"].name == "model.qpack.safetensors" and written.label == "bit-packed integers"
+    assert written.file_bytes == written.files["archive"].stat().st_size < 0.4 * 4 * sum(p.numel() for p in case.model.parameters())
+    images = case.ctx.data.test.images
+    with torch.no_grad():  # the archive holds the integer codes, not the float shadow weights: same function
+        assert torch.equal(written.model(images), quantized(images))
+    got = run_ort(ort_session(model_onnx_bytes(written.model, SHAPE)), images)
+    with torch.no_grad():
+        expected = quantized(images).numpy()
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= INT8_AGREEMENT and np.abs(got - expected).max() < INT8_TOL
