@@ -35,6 +35,7 @@ from deepshrink.compress.quant import PTQ, QAT, DynamicQuant, MixedPrecision
 from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.compress.structure import FoldBN, Separable, fold_batchnorm
 from deepshrink.core.config import Config, Scope
+from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, Method, apply_method, registration, registrations, write_output
 from deepshrink.data.datasets import DataBundle, ImageSet
 from deepshrink.encode.step import Pack
@@ -169,6 +170,16 @@ def test_config_round_trips(step):
     config = CASES[step]().config if step in CASES else pytest.fail(f"no contract case for {step}")
     again = type(config).from_dict(config.to_dict())
     assert again == config and again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("step", sorted(s for s, r in REGISTERED.items() if r.required()))
+def test_a_missing_need_is_one_clear_error(step):
+    record, case = _case(step)
+    for need in record.required():
+        ctx = copy.copy(case.ctx)
+        setattr(ctx, need, None)
+        with pytest.raises(InputError, match=f"^{step} needs {need}: pass {need}="):
+            apply_method(case.model, case.config, ctx)
 
 
 @pytest.mark.parametrize("step", sorted(s for s, r in REGISTERED.items() if not r.output))

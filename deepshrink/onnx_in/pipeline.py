@@ -3,11 +3,11 @@
 Every recipe step whose method registration has an ``onnx`` backend runs
 here: ``prune`` (MagnitudePrune, one-shot), ``share`` (KMeansShare),
 ``quantize`` (PTQ: weight-only or static QDQ), ``pack`` (.dsz of the
-initializers, restored and compared bit for bit). Each stage is measured on the evaluation inputs against
-the original model (fidelity; Top-1 where labels exist). The output folder gets
-``model.onnx`` (the final graph, before packing), ``model.dsz`` when packed, and
-``report.json``/``report.md``; every file is written atomically and the input
-file is only read.
+initializers, restored and compared bit for bit). Each stage is measured on
+the evaluation inputs against the original model (fidelity; Top-1 where
+labels exist). The output folder gets ``model.onnx`` (the final graph, before
+packing), ``model.dsz`` when packed, and ``report.json``/``report.md``; every
+file is written atomically and the input file is only read.
 """
 
 import json
@@ -47,13 +47,13 @@ def check_steps(recipe: Recipe) -> None:
     for i, (kind, cfg) in enumerate(recipe.steps):
         where = f"steps[{i}].{kind}"
         record = registration(cfg)
+        if record.onnx is None:
+            raise InputError(f"{where}: {type(cfg).__name__} needs the PyTorch model; on ONNX input use {', '.join(onnx_steps())}")
         if quantized and not record.output:
             raise InputError(f"{where}: {kind} works on float weights; put it before the quantize step")
         quantized = quantized or record.quantizes
         if getattr(cfg, "activation_bits", None) not in (None, 8):
             raise InputError(f"{where}.activation_bits: ONNX Runtime's integer kernels take 8-bit activations, got {cfg.activation_bits}")
-        if record.onnx is None:
-            raise InputError(f"{where}: {type(cfg).__name__} needs the PyTorch model; on ONNX input use {', '.join(onnx_steps())}")
         if getattr(cfg, "finetune", None) is not None or getattr(cfg, "schedule", "oneshot") != "oneshot":
             raise InputError(f"{where}: an ONNX model cannot be fine-tuned here; use schedule 'oneshot' (if any) without finetune")
 
