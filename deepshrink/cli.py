@@ -43,7 +43,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"where training, calibration and validation run: {DEVICE_NAMES} (default: each config's, auto = CUDA when available); files written never depend on it",
     )
-    p.add_argument("--dist-backend", default="auto", choices=BACKENDS, help="under torchrun: gloo (CPU) or nccl (GPUs); auto picks by device")
+    p.add_argument(
+        "--dist-backend", default="auto", choices=BACKENDS, help="under torchrun: gloo (CPU) or nccl (GPUs); auto picks by device"
+    )
 
 
 def _load_data(args, **kwargs):

@@ -61,7 +61,8 @@ class Placement:
     world: World = World()
 
 
-_PLACEMENT: contextvars.ContextVar[Placement] = contextvars.ContextVar("deepshrink_placement", default=Placement())
+SINGLE_PROCESS = World()
+_PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar("deepshrink_placement", default=None)
 
 
 def check_device_name(name: str) -> None:
@@ -69,7 +70,7 @@ def check_device_name(name: str) -> None:
         raise InputError(f"unknown device {name!r}; use {DEVICE_NAMES}")
 
 
-def resolve_device(name: str, world: World = World()) -> torch.device:
+def resolve_device(name: str, world: World = SINGLE_PROCESS) -> torch.device:
     """``auto`` is CUDA when torch sees a GPU, else the CPU; under torchrun ``cuda`` is cuda:LOCAL_RANK."""
     check_device_name(name)
     if name == "auto":
@@ -112,7 +113,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def current_placement() -> Placement:
     """The ambient placement; a process group started outside ``launch`` still counts as the world."""
-    placement = _PLACEMENT.get()
+    placement = _PLACEMENT.get() or Placement()
     if not placement.world.distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return Placement(placement.device, World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))))
     return placement
@@ -254,7 +255,6 @@ def command_context(args) -> Iterator[Placement]:
     the scratch folder of the ranks that do not write. All ranks start together."""
     world = world_from_env()
     check_torchrun_command(args, world)
-    with launch(getattr(args, "device", None), getattr(args, "dist_backend", "auto")) as placement:
-        with follower_sandbox(args, placement.world):
-            barrier()  # no rank starts writing before the others copied what they resume from
-            yield placement
+    with launch(getattr(args, "device", None), getattr(args, "dist_backend", "auto")) as placement, follower_sandbox(args, placement.world):
+        barrier()  # no rank starts writing before the others copied what they resume from
+        yield placement

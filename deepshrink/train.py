@@ -34,6 +34,7 @@ from torch.utils.data import DistributedSampler, Sampler
 from deepshrink.core.errors import InputError
 from deepshrink.data.datasets import ImageSet, augment_batch, iterate_batches
 from deepshrink.distributed import (
+    SINGLE_PROCESS,
     Placement,
     World,
     barrier,
@@ -169,7 +170,7 @@ class ImageBatches:
     generator (one process). With one (a ``DistributedSampler`` under torchrun): this rank's
     share of each epoch, in batches of ``batch_size / world size``."""
 
-    def __init__(self, data: ImageSet, config: TrainConfig, sampler: Sampler | None = None, world: World = World()) -> None:
+    def __init__(self, data: ImageSet, config: TrainConfig, sampler: Sampler | None = None, world: World = SINGLE_PROCESS) -> None:
         if config.batch_size % world.size:
             raise InputError(f"batch_size {config.batch_size} is the global batch: it must divide by the {world.size} processes")
         self.data, self.config, self.sampler = data, config, sampler
@@ -451,7 +452,9 @@ class Trainer:
         buffers = list(self.model.buffers())
         broadcast_(buffers)
         hook_state = [t for hook in self.hooks for t in hook.rank_state().values()]
-        check_ranks_agree(f"weights, buffers and masks after epoch {self.epoch}", [*self.model.parameters(), *buffers, *hook_state], self.device)
+        check_ranks_agree(
+            f"weights, buffers and masks after epoch {self.epoch}", [*self.model.parameters(), *buffers, *hook_state], self.device
+        )
 
 
 def _step_totals(out: StepOutput, loss: float) -> torch.Tensor:
