@@ -14,7 +14,7 @@ import resource
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -315,6 +315,7 @@ def _ray_rows(cells: list[Cell], workers: int, address: str | None):
     """Each cell a Ray task with its CPUs (threads) and GPUs (one on --device cuda)."""
     from deepshrink.pipeline.ray_executor import RayCells
 
+    cells = [replace(c, out_dir=str(Path(c.out_dir).resolve())) for c in cells]  # a task's cwd is its node's, not ours
     ray = RayCells(address, num_cpus=workers * max(c.threads for c in cells))
     try:
         yield from ray.run(cells, run_cell, failed_row, lambda c: int(bool(c.device) and c.device.startswith("cuda")))
