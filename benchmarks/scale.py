@@ -17,6 +17,7 @@ Writes benchmarks/results/scale.{md,json}.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "scale"
 MODELS = ("resnet20", "vgg")
-TRAIN_IMAGES = 3840  # 30 global batches of 128
+TRAIN_IMAGES = 1920  # 15 global batches of 128
+REPEATS = 3  # interleaved runs per setting; the table gives the median (the machine is shared)
 BATCH = 128
 WARMUP = 3  # steps left out of the timing (allocator and thread-pool warm-up)
 CELLS = {"models": ("lenet5",), "methods": None}  # None: every study method (9 cells)
@@ -64,7 +66,7 @@ def measure_worker(model_name: str, threads: int, device: str, out: str) -> None
     with launch(device) as placement:
         Trainer(model, config, data.train, hooks=[clock], progress=False).fit()
         if placement.world.is_main:
-            images = clock.steps * BATCH  # global images (the last batch is full: 3840 = 30 x 128)
+            images = clock.steps * BATCH  # global images (the last batch is full: 1920 = 15 x 128)
             Path(out).write_text(json.dumps({"images_per_s": images / clock.seconds, "seconds": clock.seconds, "images": images}))
 
 
@@ -78,6 +80,11 @@ def throughput(model: str, processes: int, threads: int, device: str, tmp: Path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return {"model": model, "device": device, "processes": processes, "threads_per_process": threads, **json.loads(out.read_text())}
+
+
+def median_row(runs: list[dict]) -> dict:
+    speeds = sorted(r["images_per_s"] for r in runs)
+    return {**runs[0], "images_per_s": statistics.median(speeds), "runs_images_per_s": [r["images_per_s"] for r in runs]}
 
 
 # -- the study, two executors --------------------------------------------------------------
@@ -123,18 +130,22 @@ def markdown(payload: dict) -> str:
         "",
         f"## Fine-tuning throughput (Trainer, {TRAIN_IMAGES:,} Fashion-MNIST images, global batch {BATCH}, 1 epoch, first {WARMUP} steps untimed)",
         "",
-        "| model | device | processes x threads | images/s | vs 1 x 1 | vs 1 process, all threads |",
-        "|---|---|---|---|---|---|",
+        f"Median of {REPEATS} interleaved runs per setting; every run in the last column.",
+        "",
+        "| model | device | processes x threads | images/s | vs 1 x 1 | vs 1 process, all threads | runs, images/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in payload["throughput"]:
         if "images_per_s" not in row:
-            lines.append(f"| {row['model']} | {row['device']} | - | {row['note']} | - | - |")
+            lines.append(f"| {row['model']} | {row['device']} | - | {row['note']} | - | - | - |")
             continue
         same = [r for r in payload["throughput"] if r["model"] == row["model"] and r["device"] == "cpu" and r.get("processes") == 1]
         one, full = (next(r for r in same if r["threads_per_process"] == t) for t in (1, max(r["threads_per_process"] for r in same)))
         ratios = " | ".join(f"{row['images_per_s'] / base['images_per_s']:.2f}x" for base in (one, full))
         lines.append(
-            f"| {row['model']} | {row['device']} | {row['processes']} x {row['threads_per_process']} | {row['images_per_s']:.1f} | {ratios} |"
+            f"| {row['model']} | {row['device']} | {row['processes']} x {row['threads_per_process']} | {row['images_per_s']:.1f} | {ratios} | "
+            + ", ".join(f"{v:.0f}" for v in row["runs_images_per_s"])
+            + " |"
         )
     lines += [
         "",
@@ -183,15 +194,17 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="deepshrink-scale-"))
-    rows = []
-    for model in MODELS:
-        for processes, threads in ((1, 1), (1, cores), (2, max(1, cores // 2))):
-            row = throughput(model, processes, threads, "cpu", tmp)
-            rows.append(row)
-            print(f"{model}: {processes} x {threads} threads: {row['images_per_s']:.1f} images/s", flush=True)
+    settings = [(model, processes, threads) for model in MODELS for processes, threads in ((1, 1), (1, cores), (2, max(1, cores // 2)))]
+    runs: dict[tuple, list[dict]] = {s: [] for s in settings}
+    for _ in range(REPEATS):  # interleaved, so a burst of load from other jobs hits every setting alike
+        for model, processes, threads in settings:
+            run = throughput(model, processes, threads, "cpu", tmp)
+            runs[(model, processes, threads)].append(run)
+            print(f"{model}: {processes} x {threads} threads: {run['images_per_s']:.1f} images/s", flush=True)
+    rows = [median_row(r) for r in runs.values()]
     if torch.cuda.is_available():
         for model in MODELS:
-            rows.append(throughput(model, 1, cores, "cuda", tmp))
+            rows.append(median_row([throughput(model, 1, cores, "cuda", tmp) for _ in range(REPEATS)]))
         cuda_note = "CUDA rows measured above; the QAT ONNX Runtime Top-1 check on CUDA is not part of this script yet."
     else:
         for model in MODELS:
@@ -214,6 +227,7 @@ def main() -> None:
         "train_images": TRAIN_IMAGES,
         "batch": BATCH,
         "warmup_steps": WARMUP,
+        "repeats": REPEATS,
         "throughput": rows,
         "study": study,
         "study_same_top1": len(study) == 2 and study[0]["top1"] == study[1]["top1"],

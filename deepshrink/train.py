@@ -117,7 +117,7 @@ def _move(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-        return {k: v.to(device) for k, v in value.items()}
+        value.update({k: v.to(device) for k, v in value.items()})  # in place: forward hooks may hold this dict
     return value
 
 
