@@ -25,6 +25,7 @@ from deepshrink.compress.quant import (
 )
 from deepshrink.compress.quant.config import resolve_reduce_range
 from deepshrink.compress.quant.mixed import plan_fraction, weight_budget_bits
+from deepshrink.compress.quant.onnx_qdq import quantized_onnx_bytes
 from deepshrink.compress.quant.qat import layer_plan
 from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
@@ -32,7 +33,6 @@ from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import DataBundle
 from deepshrink.export.onnx import ort_session, run_ort
-from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models import create_model
 from deepshrink.models.zoo import BasicBlock
 from deepshrink.onnx_in.runtime import optimized_op_counts

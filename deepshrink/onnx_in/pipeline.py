@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -34,10 +34,17 @@ from deepshrink.onnx_in.pack import pack_onnx, unpack_onnx
 from deepshrink.onnx_in.quantize import quantize_onnx
 from deepshrink.onnx_in.runtime import fidelity, first_output, optimized_op_counts, top1_accuracy
 from deepshrink.onnx_in.weights import prune_initializers, share_initializers
-from deepshrink.pipeline.recipe import Pack, Recipe, load_recipe
 from deepshrink.report.tables import Column, markdown_table
 
-STEP_TYPES = (MagnitudePrune, KMeansShare, PTQ, Pack)
+STEP_TYPES = (MagnitudePrune, KMeansShare, PTQ)
+PACK = "pack"  # the recipe step that packs to .dsz: no graph change, its own stage
+
+
+class Recipe(Protocol):
+    """What this runner reads of a loaded recipe (``pipeline.recipe.Recipe``; onnx_in sits below pipeline)."""
+
+    name: str
+    steps: tuple[tuple[str, Config], ...]
 
 
 def check_steps(recipe: Recipe) -> None:
@@ -50,7 +57,7 @@ def check_steps(recipe: Recipe) -> None:
         quantized = quantized or isinstance(cfg, PTQ)
         if isinstance(cfg, PTQ) and cfg.activation_bits not in (None, 8):
             raise InputError(f"{where}.activation_bits: ONNX Runtime's integer kernels take 8-bit activations, got {cfg.activation_bits}")
-        if not isinstance(cfg, STEP_TYPES):
+        if not isinstance(cfg, STEP_TYPES) and kind != PACK:
             raise InputError(
                 f"{where}: {type(cfg).__name__} needs the PyTorch model; on ONNX input use prune, share, quantize (PTQ) or pack"
             )
@@ -141,7 +148,7 @@ def _inputs(source: onnx.ModelProto, path: Path, npz: str | Path | None, eval_np
 
 def compress_onnx(
     path: str | Path,
-    recipe: Recipe | str | Path,
+    recipe: Recipe,
     out_dir: str | Path,
     npz: str | Path | None = None,
     progress: bool = True,
@@ -150,7 +157,6 @@ def compress_onnx(
 ) -> dict:
     """Run ``recipe`` on the ONNX file ``path``; ``npz`` holds calibration inputs (and labels),
     ``eval_npz`` the evaluation inputs (default: ``npz``, else seeded random inputs). Returns the report."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     check_steps(recipe)
     path, out_dir = Path(path), Path(out_dir)
     _outputs(out_dir, path.resolve())
@@ -184,7 +190,7 @@ def _run_steps(recipe, model, calib, evaluation, reference, stages, tmp: Path, t
     dsz = None
     for i, (kind, cfg) in enumerate(recipe.steps):
         say(f"[{i + 1}/{len(recipe.steps)}] {kind}")
-        if isinstance(cfg, Pack):
+        if kind == PACK:
             row, dsz = _pack_stage(model, tmp, evaluation, reference, threads)
             stages.append(row)
             continue

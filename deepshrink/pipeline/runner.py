@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from deepshrink.compress.quant.modules import quant_layers
+from deepshrink.compress.quant.onnx_qdq import export_quantized_onnx
 from deepshrink.compress.quant.storage import load_quantized_model, save_quantized_model
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import DeepShrinkError, InputError
@@ -29,7 +30,6 @@ from deepshrink.encode.pack import pack, pack_verified
 from deepshrink.evaluate.accuracy import evaluate_accuracy, ort_top1
 from deepshrink.evaluate.environment import environment
 from deepshrink.export.onnx import export_onnx, ort_session, verify_onnx, write_atomic
-from deepshrink.export.qdq import export_quantized_onnx
 from deepshrink.models import resolve_model
 from deepshrink.models.weights import save_weights
 from deepshrink.pipeline.recipe import Pack, Recipe

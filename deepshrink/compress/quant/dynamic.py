@@ -7,7 +7,7 @@ with an asymmetric range that always contains zero: exactly ONNX's
 to even, ``x / scale`` rounded half to even). The integer product is exact and
 is rescaled by ``activation_scale * weight_scale`` as ONNX Runtime's fused
 ``DynamicQuantizeMatMul`` does, so the fidelity measured on the torch model is
-the fidelity ONNX Runtime delivers (see ``deepshrink.export.onnx_dynamic``).
+the fidelity ONNX Runtime delivers (see ``deepshrink.compress.quant.onnx_dynamic``).
 
 The arithmetic lives here rather than in ``primitives`` on purpose: it must
 match ORT's rounding (division by the scale, not multiplication by its
@@ -207,7 +207,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """A float copy whose Linear/Embedding weights equal the int8 codes times their scales.
 
     It is what gets exported to ONNX before the graph is rewritten with the very
-    same codes and scales (``deepshrink.export.onnx_dynamic``).
+    same codes and scales (``deepshrink.compress.quant.onnx_dynamic``).
     """
     proxy = copy.deepcopy(model)
     for name, module in quantized_layers(proxy).items():
