@@ -18,6 +18,7 @@ from deepshrink.compress.share import KMeansShare
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.encode.container import DszError
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.export import export_onnx
 from deepshrink.models import create_model
 from deepshrink.onnx_in import (
@@ -25,7 +26,6 @@ from deepshrink.onnx_in import (
     clean_onnx,
     compress_onnx,
     evaluate_onnx,
-    fidelity,
     first_output,
     load_onnx,
     normalize_initializers,

@@ -12,9 +12,9 @@ from onnx import helper
 
 from deepshrink.compress.quant.observers import make_observer
 from deepshrink.compress.quant.primitives import QuantSpec
+from deepshrink.export.onnx import ort_session
 from deepshrink.onnx_in.data import NpzInputs
 from deepshrink.onnx_in.model import graph_inputs
-from deepshrink.onnx_in.runtime import session
 
 CALIB_BATCH = 64
 
@@ -45,7 +45,7 @@ def stream_tensors(model: onnx.ModelProto, data: NpzInputs, names: list[str], ba
     """For every batch of ``data``: the values of ``names`` (graph inputs come from the feed)."""
     inputs = {i.name for i in graph_inputs(model)}
     computed = [n for n in names if n not in inputs]
-    sess = session(with_outputs(model, computed), layout=False) if computed else None
+    sess = ort_session(with_outputs(model, computed), layout=False) if computed else None
     for feed in data.batches(batch):
         values = dict(zip(computed, sess.run(computed, feed), strict=True)) if sess else {}
         values.update({n: feed[n] for n in names if n in inputs})

@@ -26,13 +26,15 @@ from deepshrink.compress.quant.config import PTQ
 from deepshrink.compress.share import KMeansShare
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.evaluate.accuracy import top1
 from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.onnx_in.clean import clean_onnx
 from deepshrink.onnx_in.data import NpzInputs, random_inputs, read_npz
 from deepshrink.onnx_in.model import OnnxModelError, check_onnx, graph_inputs, load_onnx, normalize_initializers, save_onnx
 from deepshrink.onnx_in.pack import pack_onnx, unpack_onnx
 from deepshrink.onnx_in.quantize import quantize_onnx
-from deepshrink.onnx_in.runtime import fidelity, first_output, optimized_op_counts, top1_accuracy
+from deepshrink.onnx_in.runtime import first_output, optimized_op_counts
 from deepshrink.onnx_in.weights import prune_initializers, share_initializers
 from deepshrink.report.tables import Column, markdown_table
 
@@ -101,7 +103,7 @@ def measure_stage(label: str, model: onnx.ModelProto, data: NpzInputs, reference
         "dsz_bytes": None,
         "initializer_values": params,
         "nonzero_values": nonzero,
-        "top1": top1_accuracy(outputs, data.labels) if data.labels is not None and outputs.ndim == 2 else None,
+        "top1": top1(outputs, data.labels) if data.labels is not None and outputs.ndim == 2 else None,
         "fidelity": fidelity(reference, outputs).to_dict(),
         "seconds": seconds,
     }
@@ -282,7 +284,7 @@ def evaluate_onnx(path: str | Path, npz: str | Path, reference: str | Path | Non
     outputs = first_output(model, data, threads)
     result: dict = {"model": str(path), "samples": len(data)}
     if data.labels is not None and outputs.ndim == 2:
-        result["top1"] = top1_accuracy(outputs, data.labels)
+        result["top1"] = top1(outputs, data.labels)
     if reference is not None:
         result["fidelity"] = fidelity(first_output(load_onnx(reference), data, threads), outputs).to_dict()
     return result

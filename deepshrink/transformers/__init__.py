@@ -3,8 +3,8 @@
 Models come from a local directory or a config, never from a hub. Methods:
 dynamic int8 with a sensitivity-based fp32 fallback, attention-head and
 FFN-neuron pruning with physical removal (and optional distillation), SVD of
-the projections; ONNX export and ONNX Runtime execution; fidelity as the cosine
-of mean-pooled embeddings, and task accuracy where labels exist.
+the projections; ONNX export and ONNX Runtime execution; fidelity (``evaluate.fidelity``)
+as the cosine of mean-pooled embeddings, and task accuracy where labels exist.
 
 Importing this package does not import ``transformers``; the functions that
 need it do, and say which extra to install when it is missing.
@@ -13,7 +13,7 @@ need it do, and say which extra to install when it is missing.
 from deepshrink.transformers.distill import Distill, distill
 from deepshrink.transformers.export import encoder_dynamic_onnx, encoder_onnx_bytes, ort_logits, ort_outputs, ort_pooled
 from deepshrink.transformers.fallback import FallbackResult, layer_sensitivity, quantize_with_fallback
-from deepshrink.transformers.fidelity import Fidelity, accuracy, cosine_fidelity, logits_of, mean_pool, pooled_embeddings, task_accuracy
+from deepshrink.transformers.fidelity import logits_of, mean_pool, pooled_embeddings, task_accuracy
 from deepshrink.transformers.load import (
     Batch,
     batch_sequences,
@@ -33,16 +33,13 @@ __all__ = [
     "Batch",
     "Distill",
     "FallbackResult",
-    "Fidelity",
     "LowRankLinear",
     "TransformerPrune",
     "TransformerSVD",
-    "accuracy",
     "attention_blocks",
     "batch_sequences",
     "bert_config",
     "check_batches",
-    "cosine_fidelity",
     "decompose_transformer",
     "distill",
     "encoder_dynamic_onnx",
