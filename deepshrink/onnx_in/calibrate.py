@@ -10,6 +10,7 @@ import onnx
 import torch
 from onnx import helper
 
+from deepshrink.compress.quant.calibration import ChannelMeans
 from deepshrink.compress.quant.observers import make_observer
 from deepshrink.compress.quant.primitives import QuantSpec
 from deepshrink.export.onnx import ort_session
@@ -71,11 +72,9 @@ def _channel_sum(value: np.ndarray, axis: int) -> np.ndarray:
 
 def channel_means(model: onnx.ModelProto, data: NpzInputs, axes: dict[str, int]) -> dict[str, np.ndarray]:
     """Mean of each tensor per channel (``axes[name]`` is the channel axis) over ``data``."""
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    means = ChannelMeans()
     for values in stream_tensors(model, data, list(axes)):
         for name, value in values.items():
             axis = axes[name] % value.ndim
-            sums[name] = sums.get(name, 0) + _channel_sum(value, axis)
-            counts[name] = counts.get(name, 0) + value.size // value.shape[axis]
-    return {name: sums[name] / counts[name] for name in sums}
+            means.add(name, _channel_sum(value, axis), value.size // value.shape[axis])
+    return means.means()

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.compress.quant.calibration import weight_spec
 from deepshrink.compress.quant.config import MixedPrecision, resolve_reduce_range
 from deepshrink.compress.quant.modules import quant_layers
-from deepshrink.compress.quant.prepare import calibrate, prepare, weight_spec
+from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.compress.quant.ptq import calibration_batches
 from deepshrink.compress.quant.qat import prepare_qat, qat
 from deepshrink.compress.quant.storage import save_quantized_model

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from deepshrink.compress.quant.calibration import activation_spec, weight_spec
 from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, quant_layers
 from deepshrink.compress.quant.primitives import QuantSpec
 from deepshrink.compress.structure.fold import fold_batchnorm
@@ -35,15 +36,6 @@ ALL_LAYERS = Scope()
 GRID_KEEPING_METHODS = {"view", "reshape", "flatten", "relu", "contiguous"}
 AVERAGE_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 AVERAGE_POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d}
-
-
-def weight_spec(bits: int) -> QuantSpec:
-    """Symmetric signed per-output-channel weights; narrow range keeps -128 unused, as ONNX Runtime prefers."""
-    return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=True, axis=0, narrow_range=True)
-
-
-def activation_spec(bits: int) -> QuantSpec:
-    return QuantSpec(bits=bits, symmetric=False, signed=False)
 
 
 def prepare(
