@@ -106,7 +106,7 @@ def _transformer(args: argparse.Namespace) -> int:
 
 def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
     """Params, ONNX bytes, fidelity (torch and ORT) and ORT latency, before and after."""
-    from deepshrink.compress.quant.dynamic import parameter_count, quantized_layers
+    from deepshrink.compress.quant.dynamic import dynamic_quant_layers, parameter_count
     from deepshrink.evaluate.fidelity import fidelity
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
@@ -116,7 +116,7 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
 
     reference = pooled_embeddings(original, batches)
     sides = {"original": (original, encoder_onnx_bytes(original))}
-    quantized = bool(quantized_layers(compressed))
+    quantized = bool(dynamic_quant_layers(compressed))
     sides["compressed"] = (
         compressed,
         encoder_dynamic_onnx(compressed, weight_type=args.weight_type) if quantized else encoder_onnx_bytes(compressed),

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from deepshrink.compress.quant.modules import quant_layers
+from deepshrink.compress.quant.modules import fake_quant_layers
 from deepshrink.compress.quant.onnx_qdq import export_quantized_onnx
 from deepshrink.compress.quant.storage import load_quantized_model, save_quantized_model
 from deepshrink.core.config import Scope
@@ -101,7 +101,7 @@ STAGE_LABELS = {"prune": "pruned", "share": "k-means shared"}
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return bool(quant_layers(model))
+    return bool(fake_quant_layers(model))
 
 
 def stored_bytes(model: nn.Module) -> float:

@@ -12,7 +12,7 @@ need it do, and say which extra to install when it is missing.
 
 from deepshrink.transformers.distill import Distill, distill
 from deepshrink.transformers.export import encoder_dynamic_onnx, encoder_onnx_bytes, ort_logits, ort_outputs, ort_pooled
-from deepshrink.transformers.fallback import FallbackResult, layer_sensitivity, quantize_with_fallback
+from deepshrink.transformers.fallback import FallbackResult, quantize_with_fallback, quantized_layer_fidelity
 from deepshrink.transformers.fidelity import logits_of, mean_pool, pooled_embeddings, task_accuracy
 from deepshrink.transformers.load import (
     Batch,
@@ -47,7 +47,7 @@ __all__ = [
     "ffn_blocks",
     "ffn_sizes",
     "head_counts",
-    "layer_sensitivity",
+    "quantized_layer_fidelity",
     "load_config",
     "load_encoder",
     "load_tokenizer",

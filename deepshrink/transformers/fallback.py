@@ -49,7 +49,9 @@ class FallbackResult:
         }
 
 
-def layer_sensitivity(model: nn.Module, batches: Sequence[Batch], names: Sequence[str], reduce_range: bool = False) -> dict[str, Fidelity]:
+def quantized_layer_fidelity(
+    model: nn.Module, batches: Sequence[Batch], names: Sequence[str], reduce_range: bool = False
+) -> dict[str, Fidelity]:
     """Pooled-embedding fidelity with only one layer quantized, per layer (the model is restored)."""
     reference = pooled_embeddings(model, batches)
     result = {}
@@ -87,7 +89,7 @@ def quantize_with_fallback(
     model = copy.deepcopy(model).eval()
     names = dynamic_targets(model, config)
     if sensitivity is None or set(sensitivity) != set(names):
-        sensitivity = layer_sensitivity(model, batches, names, config.reduce_range)
+        sensitivity = quantized_layer_fidelity(model, batches, names, config.reduce_range)
     order = sorted(names, key=lambda n: _damage(sensitivity[n], mean_target, min_target), reverse=True)
     reference = pooled_embeddings(model, batches)
 

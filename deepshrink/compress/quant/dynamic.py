@@ -199,7 +199,7 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicQuant | None = None) -> nn.Mo
     return _apply_dynamic(copy.deepcopy(model), cfg or DynamicQuant(), Context())
 
 
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+def dynamic_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
 
 
@@ -210,7 +210,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     same codes and scales (``deepshrink.compress.quant.onnx_dynamic``).
     """
     proxy = copy.deepcopy(model)
-    for name, module in quantized_layers(proxy).items():
+    for name, module in dynamic_quant_layers(proxy).items():
         set_module(proxy, name, _float_layer(module))
     return proxy
 
@@ -230,7 +230,7 @@ def _float_layer(module: nn.Module) -> nn.Module:
 def parameter_count(model: nn.Module) -> int:
     """Parameters, counting an int8 layer's codes and bias as the parameters they replace (not its scales)."""
     count = sum(p.numel() for p in model.parameters())
-    for layer in quantized_layers(model).values():
+    for layer in dynamic_quant_layers(model).values():
         count += layer.qweight.numel() + (layer.bias.numel() if getattr(layer, "bias", None) is not None else 0)
     return count
 

@@ -255,7 +255,7 @@ class QuantLinear(_QuantizedWeightMixin, nn.Linear):
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 
-def quant_layers(model: nn.Module):
+def fake_quant_layers(model: nn.Module):
     """(name, layer) for every weight-quantized layer, in model order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
 
@@ -267,7 +267,7 @@ def act_quantizers(model: nn.Module) -> list[ActQuant]:
 @contextmanager
 def frozen_for_export(model: nn.Module) -> Iterator[None]:
     """Weights quantized once, as constants, for the duration of an ONNX export."""
-    layers = quant_layers(model)
+    layers = fake_quant_layers(model)
     for _, layer in layers:
         layer.weight_quant.freeze(layer.weight)
     try:

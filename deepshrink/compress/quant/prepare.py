@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from deepshrink.compress.quant.calibration import activation_spec, weight_spec
-from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, quant_layers
+from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, fake_quant_layers
 from deepshrink.compress.quant.primitives import QuantSpec
 from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
@@ -203,13 +203,13 @@ def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_observer: str = "minmax") -> int:
     """Observe activations on fp32 weights, then fix every quantizer's step. Returns samples seen."""
     model.eval()
-    for _, layer in quant_layers(model):
+    for _, layer in fake_quant_layers(model):
         layer.weight_quant.enabled = False
     seen = 0
     for batch in batches:
         model(batch)
         seen += len(batch)
-    for _, layer in quant_layers(model):
+    for _, layer in fake_quant_layers(model):
         layer.weight_quant.calibrate(layer.weight, weight_observer)
         layer.weight_quant.enabled = True
     for quantizer in act_quantizers(model):

@@ -9,7 +9,7 @@ from torch import nn
 
 from deepshrink.compress.quant.calibration import ChannelMeans, correct_biases
 from deepshrink.compress.quant.config import PTQ, resolve_reduce_range
-from deepshrink.compress.quant.modules import quant_layers, set_quantization
+from deepshrink.compress.quant.modules import fake_quant_layers, set_quantization
 from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
@@ -92,7 +92,7 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor], samples: int = B
     and each layer costs a forward pass up to that layer. The loop is ``calibration.correct_biases``,
     shared with the ONNX backend."""
     batches = list(CalibrationSet(batches, max_samples=samples))
-    layers = quant_layers(model)
+    layers = fake_quant_layers(model)
     set_quantization(model, False)
     reference = _mean_outputs(model, layers, batches)
     set_quantization(model, True, activations=False)
@@ -120,7 +120,7 @@ def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 @torch.no_grad()
 def layer_report(model: nn.Module, batch: torch.Tensor) -> list[dict]:
     """Per layer: weight bits, weight SQNR and output SQNR (dB) of the quantized model vs float."""
-    layers = quant_layers(model)
+    layers = fake_quant_layers(model)
     outputs: dict[str, dict[str, torch.Tensor]] = {"float": {}, "quant": {}}
 
     def run(kind: str) -> None:
