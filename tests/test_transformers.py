@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 import deepshrink.transformers as dt  # noqa: E402
 from deepshrink.cli import main  # noqa: E402
+from deepshrink.compress.lowrank.layers import svd_linear  # noqa: E402
 from deepshrink.compress.quant.dynamic import DynamicQuant, DynamicQuantEmbedding, DynamicQuantLinear, quantize_dynamic, quantize_layers  # noqa: E402
 from deepshrink.core.errors import InputError  # noqa: E402
 from deepshrink.core.methods import Context, apply_method  # noqa: E402
@@ -207,7 +208,7 @@ def test_distillation_repairs_pruning(tiny, batches) -> None:
 
 def test_svd_of_ffn_projections(tiny, batches) -> None:
     layer = tiny.encoder.layer[0].intermediate.dense
-    low = dt.svd_linear(layer, 16)
+    low = svd_linear(layer, 16)
     s = torch.linalg.svdvals(layer.weight.detach().double())
     approx = (low[1].weight @ low[0].weight).double()
     assert torch.linalg.matrix_norm(layer.weight.double() - approx).item() == pytest.approx(float(s[16:].pow(2).sum().sqrt()), rel=1e-4)

@@ -26,14 +26,13 @@ from deepshrink.transformers.load import (
     read_texts,
     tokenize,
 )
-from deepshrink.transformers.lowrank import LowRankLinear, TransformerSVD, decompose_transformer, svd_linear
+from deepshrink.transformers.lowrank import TransformerSVD, decompose_transformer
 from deepshrink.transformers.prune import TransformerPrune, attention_blocks, ffn_blocks, ffn_sizes, head_counts, prune_transformer
 
 __all__ = [
     "Batch",
     "Distill",
     "FallbackResult",
-    "LowRankLinear",
     "TransformerPrune",
     "TransformerSVD",
     "attention_blocks",
@@ -61,7 +60,6 @@ __all__ = [
     "quantize_with_fallback",
     "random_token_batches",
     "read_texts",
-    "svd_linear",
     "task_accuracy",
     "tokenize",
 ]

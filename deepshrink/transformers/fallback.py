@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from deepshrink.compress.quant.dynamic import DynamicQuant, dynamic_targets, quantize_layers, set_module
+from deepshrink.compress.quant.dynamic import DynamicQuant, dynamic_targets, quantize_layers
 from deepshrink.core.config import check_range
+from deepshrink.core.modules import replace_module
 from deepshrink.evaluate.fidelity import Fidelity, fidelity
 from deepshrink.transformers.fidelity import pooled_embeddings
 from deepshrink.transformers.load import Batch, check_batches
@@ -61,7 +62,7 @@ def quantized_layer_fidelity(
         try:
             result[name] = fidelity(reference, pooled_embeddings(model, batches), agreement=False)
         finally:
-            set_module(model, name, original)
+            replace_module(model, name, original)
     return result
 
 
@@ -102,7 +103,7 @@ def quantize_with_fallback(
     for name in order:
         if current.meets(mean_target, min_target):
             break
-        set_module(quantized, name, copy.deepcopy(model.get_submodule(name)))
+        replace_module(quantized, name, copy.deepcopy(model.get_submodule(name)))
         found.append(name)
         current = measure(quantized)
         steps.append((name, current))
@@ -123,5 +124,5 @@ def _requantize_unneeded(quantized: nn.Module, found: list[str], current: Fideli
             kept.remove(name)
             current = trial
         else:
-            set_module(quantized, name, original)
+            replace_module(quantized, name, original)
     return kept, current

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, register
+from deepshrink.core.modules import replace_module
 
 ACT_QMAX = 255  # uint8 activations
 _EXACT_FLOAT32 = 2**24  # integer sums below this are exact in float32
@@ -155,13 +156,6 @@ QUANTIZED_TYPES = (DynamicQuantLinear, DynamicQuantEmbedding)
 
 
 # -- model surgery ----------------------------------------------------------------------
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def dynamic_targets(model: nn.Module, cfg: DynamicQuant) -> list[str]:
     """Names of the layers ``cfg`` quantizes, in model order (fallback layers left out)."""
     names = []
@@ -177,9 +171,9 @@ def quantize_layers(model: nn.Module, names: list[str], reduce_range: bool = Fal
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            set_module(model, name, DynamicQuantLinear.from_linear(module, reduce_range))
+            replace_module(model, name, DynamicQuantLinear.from_linear(module, reduce_range))
         elif isinstance(module, nn.Embedding):
-            set_module(model, name, DynamicQuantEmbedding.from_embedding(module))
+            replace_module(model, name, DynamicQuantEmbedding.from_embedding(module))
         else:
             raise InputError(f"layer {name!r} is a {type(module).__name__}; dynamic quantization takes Linear or Embedding")
     return model
@@ -211,7 +205,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """
     proxy = copy.deepcopy(model)
     for name, module in dynamic_quant_layers(proxy).items():
-        set_module(proxy, name, _float_layer(module))
+        replace_module(proxy, name, _float_layer(module))
     return proxy
 
 

@@ -26,6 +26,7 @@ from deepshrink.compress.quant.primitives import QuantSpec
 from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
+from deepshrink.core.modules import replace_module
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RELU_MODULES = (nn.ReLU,)
@@ -88,8 +89,7 @@ def _swap_layers(gm: fx.GraphModule, original: nn.Module, weight_bits, scope: Sc
         bits = _per_layer(weight_bits, name, 8)
         spec = weight_spec(min(bits, 7) if reduce_range else bits)
         new = cls.from_float(gm.get_submodule(name), spec, _per_layer(quantizer, name, "fixed"))
-        parent, _, child = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, child, new)
+        replace_module(gm, name, new)
         swapped.append(name)
     return swapped
 
