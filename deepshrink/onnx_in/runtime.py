@@ -28,6 +28,13 @@ def run_outputs(sess, data: NpzInputs, outputs: list[str] | None = None, batch: 
     return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
 
 
+def all_outputs(model: onnx.ModelProto | bytes, data: NpzInputs, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Every graph output over ``data``, by name, in the graph's order."""
+    sess = ort_session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, run_outputs(sess, data, names), strict=True))
+
+
 def first_output(model: onnx.ModelProto | bytes, data: NpzInputs, threads: int | None = None) -> np.ndarray:
     """The model's first output over ``data`` (the logits of a classifier)."""
     sess = ort_session(model, threads)
