@@ -3,11 +3,12 @@ inside functions alike) must name a layer at or below the importer's own.
 
 The order, bottom to top (mechanism below, policy above):
 
-    core < data < models < export < evaluate < train < compress < encode < analysis
-         < report < transformers < onnx_in < pipeline < (cli, commands, the package root)
+    core < data < models < export < evaluate < distributed < train < compress < encode
+         < analysis < report < transformers < onnx_in < pipeline < (cli, commands, the package root)
 
 * ``export`` is torch -> ONNX and ONNX Runtime sessions, used by the metrics;
   the writers of quantized graphs are quantization's and live in ``compress.quant``.
+* ``distributed`` (process groups, rank-0 writes) serves the training loop.
 * ``evaluate`` holds pure metrics (accuracy, size, FLOPs, latency, fidelity),
   used by ``train`` and ``compress``; ``analysis`` (sensitivity scans) runs the methods.
 * The top rank (the CLI entry point, its command modules and the curated package API)
@@ -26,6 +27,7 @@ ORDER = [
     "models",
     "export",
     "evaluate",
+    "distributed",
     "train",
     "compress",
     "encode",
