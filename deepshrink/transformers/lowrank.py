@@ -7,6 +7,7 @@ pruning, which expects plain Linear projections. The factorisation and the rank
 choice are compress/lowrank's (``svd_linear``, ``LowRankLinear``, ``energy_rank``).
 """
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +18,7 @@ from deepshrink.compress.lowrank.layers import linear_singular_values, svd_linea
 from deepshrink.compress.lowrank.rank import energy_rank, fraction_rank
 from deepshrink.core.config import Config, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.core.modules import replace_module
 from deepshrink.transformers.prune import attention_blocks, ffn_blocks
 
@@ -80,6 +81,10 @@ def decompose_transformer(model: nn.Module, cfg: TransformerSVD) -> tuple[nn.Mod
     return model, ranks
 
 
-@register(TransformerSVD)
-def _apply_svd(model: nn.Module, cfg: TransformerSVD, ctx: Context) -> nn.Module:
-    return decompose_transformer(model.eval(), cfg)[0]
+@method("transformer_svd", TransformerSVD)
+class TransformerSVDMethod:
+    def torch(self, model: nn.Module, cfg: TransformerSVD, ctx: Context) -> nn.Module:
+        return decompose_transformer(model.eval(), cfg)[0]
+
+    def restore(self, model: nn.Module, cfg: TransformerSVD, ctx: Context, saved: dict) -> nn.Module:
+        return self.torch(copy.deepcopy(model), cfg, ctx)  # no data: deterministic from the weights
