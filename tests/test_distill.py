@@ -225,8 +225,8 @@ def test_cli_distill_resnet20_into_lenet_small(tmp_path, capsys, monkeypatch):
     argv += ["--no-progress", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["teacher"]["top1"] >= 90.0 and report["student"]["params"] == 7674
-    assert report["student"]["top1"] >= 70.0 and report["config"]["kd"]["temperature"] == 4.0
+    assert report["before"]["top1"] >= 90.0 and report["after"]["params"] == 7674
+    assert report["after"]["top1"] >= 70.0 and report["config"]["kd"]["temperature"] == 4.0
     model = load_weights(create_model("lenet_small"), out / "model.safetensors")
     x = deepshrink.data.load_data(val_size=200, test_subset=300).test.images[:32]
     with torch.no_grad():

@@ -78,7 +78,7 @@ def test_channel_lenet5_is_physically_smaller(tmp_path, capsys):
     before, after = report["before"], report["after"]
     assert report["config"]["importance"] == "l2" and report["config"]["ratio"] == 0.5
     assert after["params"] < 0.5 * before["params"] and after["macs"] < 0.6 * before["macs"]
-    assert after["disk_bytes"] < 0.5 * before["disk_bytes"] and after["onnx_bytes"] < 0.5 * before["onnx_bytes"]
+    assert after["bytes"] < 0.5 * before["bytes"] and after["onnx_bytes"] < 0.5 * before["onnx_bytes"]
     assert after["weight_sparsity"] == 0.0 and after["effective_macs"] == after["macs"]  # removed, not zeroed
     assert after["top1"] > 60.0
     assert_onnx_matches_reloaded_weights(report, "lenet5", resize=True)

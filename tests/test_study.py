@@ -74,9 +74,9 @@ def test_study_cells_measure_the_files_on_disk(study):
         archive = study.out_dir / "runs" / f"lenet5-{row['recipe']}" / row["archive"]
         assert row["bytes"] == archive.stat().st_size
         assert row["compression_ratio"] == pytest.approx(4 * 61706 / row["bytes"])  # lenet5: 61,706 fp32 weights
-        assert 0 < row["latency_b1_ms"] < row["latency_b64_ms"]
+        assert 0 < row["ort_b1_ms"] < row["ort_b64_ms"]
         assert row["effective_macs"] <= row["macs"] and row["seconds"] > 0
-        assert abs(row["onnx_top1"] - row["top1"]) < 1.5
+        assert abs(row["top1_ort"] - row["top1"]) < 1.5
     assert by_method["int8 PTQ"]["archive"] == "model.qpack.safetensors" and by_method["int8 PTQ"]["compression_ratio"] > 3.5
     assert by_method["unstructured prune"]["nonzero_params"] < 0.2 * by_method["unstructured prune"]["params"]
     assert by_method["structured prune"]["params"] < 0.5 * by_method["int8 PTQ"]["params"]  # channels removed

@@ -1,0 +1,73 @@
+"""``deepshrink compress``: run a recipe on a PyTorch model (run folder, .dsz, ONNX, per-stage report) or an ONNX file."""
+
+import argparse
+import json
+
+import torch
+
+from deepshrink.commands import command
+from deepshrink.commands.args import add_data_args, load_data
+from deepshrink.core.errors import DeepShrinkError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("compress", help="run a compression recipe; writes .dsz, ONNX and a per-stage report")
+    p.add_argument("model", help="zoo name, module:function, or an .onnx file (compressed without PyTorch source)")
+    p.add_argument("--npz", default=None, help="ONNX input: calibration/evaluation inputs (one array per graph input, optional labels y)")
+    p.add_argument("--eval-npz", default=None, help="ONNX input: a separate .npz to evaluate on (default: --npz)")
+    p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
+    p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
+    add_data_args(p)
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("compress")
+def _compress(args: argparse.Namespace) -> int:
+    from deepshrink.models import architecture_of, list_models, resolve_model
+    from deepshrink.pipeline.recipe import load_recipe
+    from deepshrink.pipeline.runner import STAGE_COLUMNS, run_recipe
+    from deepshrink.report import print_table
+
+    recipe = load_recipe(args.recipe)
+    print(f"recipe {recipe.name}:")
+    print("\n".join(recipe.plan()))
+    if args.dry_run:
+        return 0
+    if args.model.endswith(".onnx"):
+        return _compress_onnx(args, recipe)
+    if args.npz or args.eval_npz:
+        raise DeepShrinkError("--npz and --eval-npz are for .onnx models; PyTorch models use --dataset/--data-dir")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model, args.weights)
+    data = load_data(args, train_subset=args.train_subset)
+    out = args.out or f"runs/{recipe.name}-{args.model.replace(':', '_')}"
+    model_name = args.model if args.model in list_models() else None
+    result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress, model_name=model_name)
+    print_table(result.rows, STAGE_COLUMNS, title=f"{recipe.name} on {args.model} ({len(data.test):,} test images)")
+    for path in (result.dsz_path, result.onnx_path):
+        if path:
+            print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if result.onnx_max_abs_diff is not None:
+        print(f"ONNX Runtime vs torch on the decoded model: max|diff| {result.onnx_max_abs_diff:.2e}")
+    print(f"report: {result.out_dir / 'report.md'}")
+    return 0
+
+
+def _compress_onnx(args: argparse.Namespace, recipe) -> int:
+    from pathlib import Path
+
+    from deepshrink.onnx_in import compress_onnx
+
+    out = args.out or f"runs/{recipe.name}-{Path(args.model).stem}"
+    report = compress_onnx(
+        args.model, recipe, out, npz=args.npz, progress=not args.no_progress, eval_npz=args.eval_npz, threads=args.threads
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(f"report: {Path(out) / 'report.md'}")
+    return 0
