@@ -1,6 +1,5 @@
 """Knowledge distillation: the losses against closed forms, the KD hook in the shared loop, the distill task and CLI."""
 
-import functools
 import json
 import math
 from types import SimpleNamespace
@@ -217,8 +216,7 @@ def test_registered_step_needs_a_teacher(bundle, teacher):
 
 # -- CLI -----------------------------------------------------------------------------------
 @pytest.mark.flow
-def test_cli_distill_resnet20_into_lenet_small(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(deepshrink.data, "load_data", functools.lru_cache(maxsize=2)(deepshrink.data.load_data))
+def test_cli_distill_resnet20_into_lenet_small(tmp_path, capsys, load_data_once):
     out = tmp_path / "kd"
     argv = ["distill", "--teacher", "resnet20", "--student", "lenet_small", "--epochs", "3", "--lr", "0.02"]
     argv += ["--batch-size", "32", "--train-subset", "2000", "--test-subset", "300", "--val-size", "200", "--threads", "1"]

@@ -1,6 +1,5 @@
 """`deepshrink prune` end to end on Fashion-MNIST subsets: the report's numbers, the files, ONNX against torch."""
 
-import functools
 import json
 from pathlib import Path
 
@@ -8,22 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import deepshrink.data
 from deepshrink.cli import main
 from deepshrink.compress.prune import satisfies_nm
 from deepshrink.export import ort_session, run_ort
 from deepshrink.models import create_model, load_weights
 
-pytestmark = pytest.mark.flow
 SUBSETS = ["--train-subset", "2000", "--test-subset", "500", "--val-size", "1000", "--finetune-epochs", "1", "--threads", "1"]
 FAST = [*SUBSETS, "--repeats", "3", "--no-progress"]
-cached_load_data = functools.lru_cache(maxsize=4)(deepshrink.data.load_data)
 
 
-@pytest.fixture(autouse=True)
-def _load_data_once(monkeypatch):
-    """Normalising all of Fashion-MNIST takes seconds; every run here reads the same subsets."""
-    monkeypatch.setattr(deepshrink.data, "load_data", cached_load_data)
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("load_data_once")]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -1,14 +1,12 @@
 """`deepshrink quantize` end to end on Fashion-MNIST subsets: the report's numbers,
 the packed weights on disk, and the QDQ ONNX file in ONNX Runtime."""
 
-import functools
 import json
 
 import onnx
 import pytest
 import torch
 
-import deepshrink.data
 from deepshrink.cli import main
 from deepshrink.compress.quant import QAT, load_quantized_model
 from deepshrink.compress.quant.config import resolve_reduce_range
@@ -17,14 +15,10 @@ from deepshrink.compress.quant.qat import layer_plan
 from deepshrink.export import ort_session, run_ort
 from deepshrink.models import create_model
 
-pytestmark = pytest.mark.flow
 FAST = ["--train-subset", "2000", "--test-subset", "500", "--val-size", "500", "--threads", "1", "--repeats", "2", "--no-progress"]
-cached_load_data = functools.lru_cache(maxsize=4)(deepshrink.data.load_data)
 
 
-@pytest.fixture(autouse=True)
-def _load_data_once(monkeypatch):
-    monkeypatch.setattr(deepshrink.data, "load_data", cached_load_data)
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("load_data_once")]
 
 
 def quantize(capsys, tmp_path, *argv: str) -> dict:
