@@ -2,12 +2,11 @@
 
 import argparse
 import json
-
-import torch
+from pathlib import Path
 
 from deepshrink.commands import command
-from deepshrink.commands.args import add_data_args, load_data
-from deepshrink.core.errors import DeepShrinkError
+from deepshrink.commands.args import add_data_args, load_data, run_folder, set_threads
+from deepshrink.core.errors import DeepShrinkError, InputError
 
 
 def add_commands(sub) -> None:
@@ -20,7 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
     add_data_args(p)
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate the recipe and the model, print the plan and stop (nothing trained or written)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -33,19 +34,21 @@ def _compress(args: argparse.Namespace) -> int:
     from deepshrink.report import print_table
 
     recipe = load_recipe(args.recipe)
-    print(f"recipe {recipe.name}:")
-    print("\n".join(recipe.plan()))
-    if args.dry_run:
-        return 0
-    if args.model.endswith(".onnx"):
-        return _compress_onnx(args, recipe)
-    if args.npz or args.eval_npz:
+    onnx_in = args.model.endswith(".onnx")
+    if onnx_in and not Path(args.model).is_file():
+        raise InputError(f"{args.model}: no such ONNX file")
+    if not onnx_in and (args.npz or args.eval_npz):
         raise DeepShrinkError("--npz and --eval-npz are for .onnx models; PyTorch models use --dataset/--data-dir")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = resolve_model(args.model, args.weights)
+    model = None if onnx_in else resolve_model(args.model, args.weights)  # an unknown model or bad weights fail here
+    print(f"recipe {recipe.name} on {args.model}:")
+    print("\n".join(recipe.plan()))
+    if args.dry_run:  # the recipe validated, the model resolved: nothing trained, nothing written
+        return 0
+    if onnx_in:
+        return _compress_onnx(args, recipe)
+    set_threads(args)
     data = load_data(args, train_subset=args.train_subset)
-    out = args.out or f"runs/{recipe.name}-{args.model.replace(':', '_')}"
+    out = run_folder(args, recipe.name, args.model)
     model_name = args.model if args.model in list_models() else None
     result = run_recipe(model, recipe, data, out, architecture_of(args.model), progress=not args.no_progress, model_name=model_name)
     print_table(result.rows, STAGE_COLUMNS, title=f"{recipe.name} on {args.model} ({len(data.test):,} test images)")
@@ -59,8 +62,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _compress_onnx(args: argparse.Namespace, recipe) -> int:
-    from pathlib import Path
-
     from deepshrink.onnx_in import compress_onnx
 
     out = args.out or f"runs/{recipe.name}-{Path(args.model).stem}"

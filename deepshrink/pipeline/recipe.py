@@ -23,7 +23,7 @@ from deepshrink.core.errors import InputError
 from deepshrink.pipeline.steps import Export, Finetune, Student
 
 SCHEMA_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped inside the package: a wheel keeps them
 
 
 @dataclass(frozen=True)
