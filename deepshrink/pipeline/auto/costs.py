@@ -1,7 +1,6 @@
 """What the plan is built from: each layer's cost of being pruned or shared (the one sensitivity probe of
 ``evaluate.sensitivity``) and its bytes in a .dsz at every (sparsity, bits) pair (sized by the packer)."""
 
-import copy
 import re
 import tempfile
 from contextlib import contextmanager
@@ -11,11 +10,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from deepshrink.compress.prune.masks import apply_masks, magnitude_masks
+from deepshrink.compress.prune.unstructured import MagnitudePrune
 from deepshrink.compress.share.kmeans_share import KMeansShare, tie_to_codebooks
-from deepshrink.compress.share.shared import untie
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, apply_method
 from deepshrink.encode.pack import pack
 from deepshrink.evaluate.sensitivity import output_kl, probe_layers, pruned, shared
 from deepshrink.pipeline.auto.options import FP32_BITS, AutoOptions, Option
@@ -57,8 +56,12 @@ def tie_plan_bits(model: nn.Module, bits: dict[str, int], scope: Scope) -> None:
     """Tie each layer to a codebook of 2^bits values (one clustering call per distinct width)."""
     for width in sorted(set(bits.values()) - {FP32_BITS}):
         names = [n for n, b in bits.items() if b == width]
-        include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-        tie_to_codebooks(model, KMeansShare(conv_bits=width, linear_bits=width, scope=Scope(types=scope.types, include=include)))
+        tie_to_codebooks(model, KMeansShare(conv_bits=width, linear_bits=width, scope=Scope(types=scope.types, include=_exactly(names))))
+
+
+def _exactly(names: list[str]) -> str:
+    """A scope regex matching these layer names and no other."""
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 def _pack_bytes(model: nn.Module, names: list[str], tmp: Path) -> tuple[int, dict[str, int]]:
@@ -69,12 +72,13 @@ def _pack_bytes(model: nn.Module, names: list[str], tmp: Path) -> tuple[int, dic
 
 @torch.no_grad()
 def uniform_bytes(model: nn.Module, names: list[str], sparsity: float, bits: int, scope: Scope) -> tuple[int, dict[str, int]]:
-    """(.dsz file bytes, per-layer bytes) with every layer pruned one-shot to ``sparsity`` and shared at ``bits``."""
-    shared = copy.deepcopy(model)
-    apply_masks(shared, magnitude_masks(shared, sparsity, scope))
-    tie_plan_bits(shared, dict.fromkeys(names, bits), scope)
+    """(.dsz file bytes, per-layer bytes) with every layer pruned one-shot to ``sparsity`` and shared at ``bits``
+    by the registered methods (``MagnitudePrune``, ``KMeansShare``), as a recipe would."""
+    quiet = Context(progress=False)
+    pruned_model = apply_method(model, MagnitudePrune(sparsity=sparsity, scope=scope), quiet)
+    sharing = KMeansShare(conv_bits=bits, linear_bits=bits, scope=Scope(types=scope.types, include=_exactly(names)))
     with tempfile.TemporaryDirectory() as tmp:
-        return _pack_bytes(untie(shared), names, Path(tmp))
+        return _pack_bytes(apply_method(pruned_model, sharing, quiet), names, Path(tmp))
 
 
 def measure_bytes(
