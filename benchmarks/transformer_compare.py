@@ -322,7 +322,7 @@ def pruning_rows(model, batches, reference, args) -> list[dict]:
     distill = dt.Distill(steps=args.distill_steps, lr=1e-4, seed=args.seed) if args.distill_steps else None
     cfg = dt.TransformerPrune(heads=args.prune, neurons=args.prune, importance="activation", distill=distill)
     start = time.perf_counter()
-    pruned = apply_method(model, cfg, Context(batches, progress=False))
+    pruned = apply_method(model, cfg, Context(batches=batches, progress=False))
     seconds = time.perf_counter() - start
     pruned_q, found = dt.quantize_with_fallback(pruned, batches)
     protos = {

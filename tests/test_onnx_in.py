@@ -18,6 +18,7 @@ from deepshrink.compress.share import KMeansShare
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.encode.container import DszError
+from deepshrink.encode.step import Pack
 from deepshrink.export import export_onnx
 from deepshrink.models import create_model
 from deepshrink.onnx_in import (
@@ -38,7 +39,7 @@ from deepshrink.onnx_in import (
     unpack_onnx,
     weight_refs,
 )
-from deepshrink.pipeline.recipe import Pack, Recipe
+from deepshrink.pipeline.recipe import Recipe
 
 pytestmark = pytest.mark.unit
 SHAPE = (1, 12, 12)

@@ -159,7 +159,7 @@ def test_sensitivity_fallback_meets_targets_and_exports(tiny, batches) -> None:
 
 # -- pruning, distillation, SVD ------------------------------------------------------------
 def test_head_and_neuron_pruning_30_percent_removes_weights(tiny, batches) -> None:
-    pruned = apply_method(tiny, dt.TransformerPrune(heads=0.3, neurons=0.3), Context(batches))
+    pruned = apply_method(tiny, dt.TransformerPrune(heads=0.3, neurons=0.3), Context(batches=batches))
     assert dt.head_counts(tiny) == [4, 4] and dt.head_counts(pruned) == [3, 3]
     assert dt.ffn_sizes(pruned) == [90, 90]
     removed = 2 * (3 * (64 * 16 + 16) + 64 * 16) + 2 * (38 * 64 + 38 + 64 * 38)
@@ -192,7 +192,9 @@ def test_distillation_repairs_pruning(tiny, batches) -> None:
     cfg = dt.TransformerPrune(heads=0.5, neurons=0.5, importance="magnitude")
     plain = apply_method(tiny, cfg)
     repaired = apply_method(
-        tiny, dt.TransformerPrune(heads=0.5, neurons=0.5, importance="magnitude", distill=dt.Distill(steps=30, lr=1e-3)), Context(batches)
+        tiny,
+        dt.TransformerPrune(heads=0.5, neurons=0.5, importance="magnitude", distill=dt.Distill(steps=30, lr=1e-3)),
+        Context(batches=batches),
     )
     reference = dt.pooled_embeddings(tiny, batches)
     before, after = (

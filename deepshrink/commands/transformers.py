@@ -88,7 +88,7 @@ def _transformer(args: argparse.Namespace) -> int:
     compressed, stages = model, {}
     for name in ("prune", "svd"):
         if name in configs:
-            compressed = apply_method(compressed, configs[name], Context(batches, progress=False))
+            compressed = apply_method(compressed, configs[name], Context(batches=batches, progress=False))
             stages[name] = configs[name].to_dict()
     if "quantize" in configs:
         if args.no_fallback:

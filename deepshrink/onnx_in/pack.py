@@ -20,10 +20,12 @@ import torch
 import zstandard
 from onnx import helper, numpy_helper
 
+from deepshrink.core.methods import Context, backend
 from deepshrink.encode.container import DszError, read_archive, write_archive
 from deepshrink.encode.entropy import total_entropy_bits
 from deepshrink.encode.pack import TensorStats, _code_symbols, _decode_symbols, _decode_tensor, _encode_tensor, add_streams
-from deepshrink.onnx_in.model import OnnxModelError, check_onnx
+from deepshrink.encode.step import Pack
+from deepshrink.onnx_in.model import OnnxModelError, check_onnx, normalize_initializers
 
 FORMAT = "deepshrink.onnx-dsz/1"
 ZSTD_LEVEL = 19
@@ -185,3 +187,18 @@ def unpack_onnx(path: str | Path) -> onnx.ModelProto:
             tensor.CopyFrom(restored[tensor.name])
     check_onnx(model, str(path), DszError)
     return model
+
+
+@backend(Pack, "onnx")
+def _pack_step(model: onnx.ModelProto, cfg: Pack, ctx: Context) -> tuple[onnx.ModelProto, dict]:
+    """Pack into ``ctx.out_dir``, restore, and prove the restored model is the packed one, byte for byte."""
+    expected = normalize_initializers(model)
+    report = pack_onnx(expected, ctx.out_dir / "model.dsz")
+    restored = unpack_onnx(report.path)
+    if restored.SerializeToString() != expected.SerializeToString():
+        raise OnnxModelError("pack/unpack round trip changed the ONNX model")  # a bug, never the user's input
+    details = {
+        "graph_stream_bytes": report.graph_bytes,
+        "tensors": [t.__dict__ | {"bits_per_value": t.bits_per_weight} for t in report.tensors],
+    }
+    return restored, {"archive": report.path, "file_bytes": report.file_bytes, "details": details}

@@ -1,13 +1,13 @@
 """``compress_onnx``: a recipe run on an ONNX file with no PyTorch source.
 
-Steps map onto the recipe configs that already exist: ``prune``
-(MagnitudePrune, one-shot), ``share`` (KMeansShare), ``quantize`` (PTQ:
-weight-only or static QDQ), ``pack`` (.dsz of the initializers, restored and
-compared bit for bit). Each stage is measured on the evaluation inputs against
-the original model (fidelity; Top-1 where labels exist). The output folder gets
-``model.onnx`` (the final graph, before packing), ``model.dsz`` when packed, and
-``report.json``/``report.md``; every file is written atomically and the input
-file is only read.
+Every recipe step whose method registration has an ``onnx`` backend runs
+here: ``prune`` (MagnitudePrune, one-shot), ``share`` (KMeansShare),
+``quantize`` (PTQ: weight-only or static QDQ), ``pack`` (.dsz of the
+initializers, restored and compared bit for bit). Each stage is measured on
+the evaluation inputs against the original model (fidelity; Top-1 where
+labels exist). The output folder gets ``model.onnx`` (the final graph, before
+packing), ``model.dsz`` when packed, and ``report.json``/``report.md``; every
+file is written atomically and the input file is only read.
 """
 
 import json
@@ -21,23 +21,24 @@ from typing import Any
 import numpy as np
 import onnx
 
-from deepshrink.compress.prune.unstructured import MagnitudePrune
-from deepshrink.compress.quant.config import PTQ
-from deepshrink.compress.share import KMeansShare
+import deepshrink.onnx_in.pack
+import deepshrink.onnx_in.quantize
+import deepshrink.onnx_in.weights  # noqa: F401  (these attach the ONNX backends to their methods' registrations)
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, registration, registrations
 from deepshrink.evaluate.environment import environment
 from deepshrink.onnx_in.clean import clean_onnx
 from deepshrink.onnx_in.data import NpzInputs, random_inputs, read_npz
 from deepshrink.onnx_in.model import OnnxModelError, check_onnx, graph_inputs, load_onnx, normalize_initializers, save_onnx
-from deepshrink.onnx_in.pack import pack_onnx, unpack_onnx
-from deepshrink.onnx_in.quantize import quantize_onnx
 from deepshrink.onnx_in.runtime import fidelity, first_output, optimized_op_counts, top1_accuracy
-from deepshrink.onnx_in.weights import prune_initializers, share_initializers
-from deepshrink.pipeline.recipe import Pack, Recipe, load_recipe
+from deepshrink.pipeline.recipe import Recipe, load_recipe
 from deepshrink.report.tables import Column, markdown_table
 
-STEP_TYPES = (MagnitudePrune, KMeansShare, PTQ, Pack)
+
+def onnx_steps() -> list[str]:
+    """The recipe steps that have an ONNX backend."""
+    return [r.step for r in registrations() if r.onnx is not None]
 
 
 def check_steps(recipe: Recipe) -> None:
@@ -45,32 +46,24 @@ def check_steps(recipe: Recipe) -> None:
     quantized = False
     for i, (kind, cfg) in enumerate(recipe.steps):
         where = f"steps[{i}].{kind}"
-        if quantized and isinstance(cfg, (MagnitudePrune, KMeansShare)):
-            raise InputError(f"{where}: prune and share work on float weights; put them before the quantize step")
-        quantized = quantized or isinstance(cfg, PTQ)
-        if isinstance(cfg, PTQ) and cfg.activation_bits not in (None, 8):
+        record = registration(cfg)
+        if record.onnx is None:
+            raise InputError(f"{where}: {type(cfg).__name__} needs the PyTorch model; on ONNX input use {', '.join(onnx_steps())}")
+        if quantized and not record.output:
+            raise InputError(f"{where}: {kind} works on float weights; put it before the quantize step")
+        quantized = quantized or record.quantizes
+        if getattr(cfg, "activation_bits", None) not in (None, 8):
             raise InputError(f"{where}.activation_bits: ONNX Runtime's integer kernels take 8-bit activations, got {cfg.activation_bits}")
-        if not isinstance(cfg, STEP_TYPES):
-            raise InputError(
-                f"{where}: {type(cfg).__name__} needs the PyTorch model; on ONNX input use prune, share, quantize (PTQ) or pack"
-            )
-        if isinstance(cfg, MagnitudePrune) and (cfg.schedule != "oneshot" or cfg.finetune is not None):
-            raise InputError(f"{where}: an ONNX model cannot be fine-tuned here; use schedule 'oneshot' without finetune")
-        if isinstance(cfg, KMeansShare) and cfg.finetune is not None:
-            raise InputError(f"{where}: an ONNX model cannot be fine-tuned here; remove finetune")
+        if getattr(cfg, "finetune", None) is not None or getattr(cfg, "schedule", "oneshot") != "oneshot":
+            raise InputError(f"{where}: an ONNX model cannot be fine-tuned here; use schedule 'oneshot' (if any) without finetune")
 
 
 def apply_step(model: onnx.ModelProto, cfg: Config, calib: NpzInputs | None) -> tuple[onnx.ModelProto, dict]:
     """One recipe step on an ONNX graph: the new model (a copy) and what the step did."""
-    if isinstance(cfg, MagnitudePrune):
-        model, sparsity = prune_initializers(model, cfg)
-        return model, {"layer_sparsity": sparsity}
-    if isinstance(cfg, KMeansShare):
-        model, sizes = share_initializers(model, cfg)
-        return model, {"codebook_sizes": sizes}
-    if isinstance(cfg, PTQ):
-        return quantize_onnx(model, cfg, calib)
-    raise InputError(f"{type(cfg).__name__} is not an ONNX step")
+    record = registration(cfg)
+    if record.onnx is None or record.output:
+        raise InputError(f"{type(cfg).__name__} is not an ONNX step")
+    return record.onnx(model, cfg, Context(calib=calib, progress=False))
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -100,24 +93,18 @@ def measure_stage(label: str, model: onnx.ModelProto, data: NpzInputs, reference
     }
 
 
-def _pack_stage(model: onnx.ModelProto, tmp: Path, data: NpzInputs, reference: np.ndarray, threads: int | None) -> tuple[dict, Path]:
-    """Pack, restore, and prove the restored model is the packed one (bytes and ORT outputs)."""
+def _output_stage(
+    model: onnx.ModelProto, cfg: Config, tmp: Path, data: NpzInputs, reference: np.ndarray, threads: int | None
+) -> tuple[dict, Path]:
+    """Run an output step (pack) into ``tmp``; prove the restored model computes what the packed one does."""
     start = time.perf_counter()
-    expected = normalize_initializers(model)
-    report = pack_onnx(expected, tmp / "model.dsz")
-    restored = unpack_onnx(report.path)
-    if restored.SerializeToString() != expected.SerializeToString():
-        raise OnnxModelError("pack/unpack round trip changed the ONNX model")  # a bug, never the user's input
-    before, after = first_output(expected, data, threads), first_output(restored, data, threads)
-    if not np.array_equal(before, after):
+    restored, written = registration(cfg).onnx(model, cfg, Context(progress=False, out_dir=tmp))
+    if not np.array_equal(first_output(model, data, threads), first_output(restored, data, threads)):
         raise OnnxModelError("the restored model's ONNX Runtime outputs differ from the packed model's")
     row = measure_stage("packed .dsz (restored)", restored, data, reference, time.perf_counter() - start, threads)
-    row["dsz_bytes"] = report.file_bytes
-    row["details"] = {
-        "graph_stream_bytes": report.graph_bytes,
-        "tensors": [t.__dict__ | {"bits_per_value": t.bits_per_weight} for t in report.tensors],
-    }
-    return row, report.path
+    row["dsz_bytes"] = written["file_bytes"]
+    row["details"] = written["details"]
+    return row, written["archive"]
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -157,11 +144,11 @@ def compress_onnx(
     say = _say(progress)
     source = load_onnx(path)
     calib, evaluation = _inputs(source, path, npz, eval_npz)
-    if calib is None and any(isinstance(c, PTQ) and c.activation_bits is not None for _, c in recipe.steps):
+    if calib is None and any(getattr(c, "activation_bits", None) is not None for _, c in recipe.steps):
         raise InputError("quantize: static quantization (activation_bits set) calibrates on data: pass npz (an .npz of inputs)")
     reference = first_output(source, evaluation, threads)
     stages = [measure_stage("original", source, evaluation, reference, 0.0, threads)]
-    fold_bn = all(cfg.fold_bn for _, cfg in recipe.steps if isinstance(cfg, PTQ))
+    fold_bn = all(getattr(cfg, "fold_bn", True) for _, cfg in recipe.steps)
     say("clean-up (onnxslim)")
     start = time.perf_counter()
     cleaned = clean_onnx(source, evaluation, fold_bn, reference)
@@ -184,8 +171,8 @@ def _run_steps(recipe, model, calib, evaluation, reference, stages, tmp: Path, t
     dsz = None
     for i, (kind, cfg) in enumerate(recipe.steps):
         say(f"[{i + 1}/{len(recipe.steps)}] {kind}")
-        if isinstance(cfg, Pack):
-            row, dsz = _pack_stage(model, tmp, evaluation, reference, threads)
+        if registration(cfg).output:  # writes the archive; the final graph stays as it is
+            row, dsz = _output_stage(model, cfg, tmp, evaluation, reference, threads)
             stages.append(row)
             continue
         start = time.perf_counter()

@@ -26,6 +26,7 @@ from deepshrink.compress.quant.config import PTQ
 from deepshrink.compress.quant.observers import make_observer
 from deepshrink.compress.quant.primitives import QuantSpec, quantize
 from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, backend
 from deepshrink.export.names import NameGen
 from deepshrink.onnx_in.calibrate import channel_means, observe
 from deepshrink.onnx_in.data import NpzInputs
@@ -349,3 +350,8 @@ def quantize_onnx(model: onnx.ModelProto, cfg: PTQ, data: NpzInputs | None = Non
         "opset": opset(qmodel),
     }
     return qmodel, summary
+
+
+@backend(PTQ, "onnx")
+def _quantize_step(model: onnx.ModelProto, cfg: PTQ, ctx: Context) -> tuple[onnx.ModelProto, dict]:
+    return quantize_onnx(model, cfg, ctx.calib)

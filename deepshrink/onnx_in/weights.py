@@ -22,6 +22,7 @@ from deepshrink.compress.prune.unstructured import MagnitudePrune
 from deepshrink.compress.share import KMeansShare, kmeans_1d
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, backend
 from deepshrink.onnx_in.model import initializer_map, set_initializer
 
 LAYER_TYPE = {"Conv": "Conv2d", "Gemm": "Linear", "MatMul": "Linear"}
@@ -166,3 +167,15 @@ def share_initializers(model: onnx.ModelProto, cfg: KMeansShare) -> tuple[onnx.M
         set_initializer(out, ref.initializer, shared)
         sizes[ref.node] = int(assignment.unique().numel())  # values in use (an empty cluster keeps an unused centroid)
     return out, sizes
+
+
+@backend(MagnitudePrune, "onnx")
+def _prune_step(model: onnx.ModelProto, cfg: MagnitudePrune, ctx: Context) -> tuple[onnx.ModelProto, dict]:
+    model, sparsity = prune_initializers(model, cfg)
+    return model, {"layer_sparsity": sparsity}
+
+
+@backend(KMeansShare, "onnx")
+def _share_step(model: onnx.ModelProto, cfg: KMeansShare, ctx: Context) -> tuple[onnx.ModelProto, dict]:
+    model, sizes = share_initializers(model, cfg)
+    return model, {"codebook_sizes": sizes}

@@ -6,6 +6,7 @@ where it would not is left alone and reported. Do this after head/neuron
 pruning, which expects plain Linear projections.
 """
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -16,7 +17,7 @@ from torch import nn
 from deepshrink.compress.quant.dynamic import set_module
 from deepshrink.core.config import Config, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.transformers.prune import attention_blocks, ffn_blocks
 
 Target = Literal["ffn", "attention"]
@@ -103,6 +104,10 @@ def decompose_transformer(model: nn.Module, cfg: TransformerSVD) -> tuple[nn.Mod
     return model, ranks
 
 
-@register(TransformerSVD)
-def _apply_svd(model: nn.Module, cfg: TransformerSVD, ctx: Context) -> nn.Module:
-    return decompose_transformer(model.eval(), cfg)[0]
+@method("transformer_svd", TransformerSVD)
+class TransformerSVDMethod:
+    def torch(self, model: nn.Module, cfg: TransformerSVD, ctx: Context) -> nn.Module:
+        return decompose_transformer(model.eval(), cfg)[0]
+
+    def restore(self, model: nn.Module, cfg: TransformerSVD, ctx: Context, saved: dict) -> nn.Module:
+        return self.torch(copy.deepcopy(model), cfg, ctx)  # no data: deterministic from the weights

@@ -14,7 +14,7 @@ weight norms only (no data needed).
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from deepshrink.core.config import Config, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.transformers.distill import Distill, distill
 from deepshrink.transformers.load import Batch, check_batches
 
@@ -240,14 +240,19 @@ def prune_transformer(model: nn.Module, cfg: TransformerPrune, batches: Sequence
     return model
 
 
-@register(TransformerPrune)
-def _apply_prune(model: nn.Module, cfg: TransformerPrune, ctx: Context) -> nn.Module:
-    """``ctx.data``: token batches (needed for activation importance and distillation)."""
-    teacher = copy.deepcopy(model).eval() if cfg.distill else None
-    pruned = prune_transformer(model.eval(), cfg, ctx.data)
-    if cfg.distill is not None:
-        distill(pruned, teacher, _need(ctx.data), cfg.distill)
-    return pruned.eval()
+@method("transformer_prune", TransformerPrune, needs=("batches?",))
+class TransformerPruneMethod:
+    def torch(self, model: nn.Module, cfg: TransformerPrune, ctx: Context) -> nn.Module:
+        """``ctx.batches``: token batches (needed for activation importance and distillation)."""
+        teacher = copy.deepcopy(model).eval() if cfg.distill else None
+        pruned = prune_transformer(model.eval(), cfg, ctx.batches)
+        if cfg.distill is not None:
+            distill(pruned, teacher, _need(ctx.batches), cfg.distill)
+        return pruned.eval()
+
+    def restore(self, model: nn.Module, cfg: TransformerPrune, ctx: Context, saved: dict) -> nn.Module:
+        """The kept counts depend on the ratios only, so weight magnitudes give the same shapes without data."""
+        return prune_transformer(copy.deepcopy(model).eval(), replace(cfg, importance="magnitude", distill=None)).eval()
 
 
 def head_counts(model: nn.Module) -> list[int]:

@@ -5,6 +5,7 @@ layers (groups 1). A layer whose factorisation would not cut its MACs is left
 as it is, and says so in the per-layer record.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +36,7 @@ from deepshrink.compress.lowrank.rank import (
 )
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError, NotApplicable
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig
 
 
@@ -258,6 +259,10 @@ def decompose_required(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, lis
     return model, records
 
 
-@register(Decompose)
-def _apply(model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
-    return restructure_and_finetune(model, lambda m: decompose_required(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+@method("decompose", Decompose, needs=("data?", "teacher?"))
+class DecomposeMethod:
+    def torch(self, model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
+        return restructure_and_finetune(model, lambda m: decompose_required(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+
+    def restore(self, model: nn.Module, cfg: Decompose, ctx: Context, saved: dict) -> nn.Module:
+        return decompose_model(copy.deepcopy(model), cfg)[0]

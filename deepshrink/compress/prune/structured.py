@@ -20,7 +20,7 @@ from deepshrink.compress.prune.dependency import ChannelGroup, channel_groups, e
 from deepshrink.compress.prune.importance import CRITERIA, GRADIENT_CRITERIA, channel_scores
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.data.datasets import iterate_batches
 from deepshrink.train import TrainConfig, Trainer
 
@@ -335,25 +335,28 @@ def _gradient_batches(cfg: ChannelPrune, ctx: Context) -> list | None:
     return list(itertools.islice(iterate_batches(ctx.data.train, GRADIENT_BATCH_SIZE), GRADIENT_BATCHES))
 
 
-@register(ChannelPrune)
-def _apply(model: nn.Module, cfg: ChannelPrune, ctx: Context) -> nn.Module:
-    if cfg.finetune is not None and ctx.data is None:
-        raise InputError("fine-tuning needs data: pass data= (a DataBundle)")
-    batches = _gradient_batches(cfg, ctx)
-    example = example_input_for(model, ctx.data)
-    rounds = cfg.iterations if cfg.schedule == "iterative" else 1
-    original: dict[frozenset, int] = {}
-    for i in range(1, rounds + 1):
-        groups = channel_groups(model, example)
-        chosen = groups_in_scope(model, groups, cfg.scope)
-        if not chosen:
-            fixed = "; ".join(str(g) for g in groups if not g.prunable)
-            raise InputError(f"nothing prunable in scope {cfg.scope} ({len(groups)} channel groups; fixed: {fixed or 'none'})")
-        selected = [groups[j] for j in chosen]
-        sizes = [original.setdefault(g.key, g.size) for g in selected]
-        scores = channel_scores(model, selected, cfg.importance, batches, cfg.seed + i - 1)
-        keep = select_channels(scores, cfg.ratio * i / rounds, cfg.granularity, cfg.round_to, sizes)
-        model = prune_channels(model, groups, dict(zip(chosen, keep, strict=True)))
-        if cfg.finetune is not None:
-            Trainer(model, replace(cfg.finetune, seed=cfg.finetune.seed + i - 1), ctx.data.train, ctx.data.val, progress=ctx.progress).fit()
-    return model
+@method("channel_prune", ChannelPrune, needs=("data?",))
+class ChannelPruneMethod:
+    def torch(self, model: nn.Module, cfg: ChannelPrune, ctx: Context) -> nn.Module:
+        if cfg.finetune is not None and ctx.data is None:
+            raise InputError("fine-tuning needs data: pass data= (a DataBundle)")
+        batches = _gradient_batches(cfg, ctx)
+        example = example_input_for(model, ctx.data)
+        rounds = cfg.iterations if cfg.schedule == "iterative" else 1
+        original: dict[frozenset, int] = {}
+        for i in range(1, rounds + 1):
+            groups = channel_groups(model, example)
+            chosen = groups_in_scope(model, groups, cfg.scope)
+            if not chosen:
+                fixed = "; ".join(str(g) for g in groups if not g.prunable)
+                raise InputError(f"nothing prunable in scope {cfg.scope} ({len(groups)} channel groups; fixed: {fixed or 'none'})")
+            selected = [groups[j] for j in chosen]
+            sizes = [original.setdefault(g.key, g.size) for g in selected]
+            scores = channel_scores(model, selected, cfg.importance, batches, cfg.seed + i - 1)
+            keep = select_channels(scores, cfg.ratio * i / rounds, cfg.granularity, cfg.round_to, sizes)
+            model = prune_channels(model, groups, dict(zip(chosen, keep, strict=True)))
+            if cfg.finetune is not None:
+                Trainer(
+                    model, replace(cfg.finetune, seed=cfg.finetune.seed + i - 1), ctx.data.train, ctx.data.val, progress=ctx.progress
+                ).fit()
+        return model

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, apply_method, method
 
 ACT_QMAX = 255  # uint8 activations
 _EXACT_FLOAT32 = 2**24  # integer sums below this are exact in float32
@@ -185,18 +185,22 @@ def quantize_layers(model: nn.Module, names: list[str], reduce_range: bool = Fal
     return model
 
 
-@register(DynamicQuant)
-def _apply_dynamic(model: nn.Module, cfg: DynamicQuant, ctx: Context) -> nn.Module:
-    known = {name for name, _ in model.named_modules()}
-    unknown = sorted(set(cfg.fallback) - known)
-    if unknown:
-        raise InputError(f"fallback: no layer named {unknown[0]!r} in the model")
-    return quantize_layers(model.eval(), dynamic_targets(model, cfg), cfg.reduce_range)
+@method("dynamic_quant", DynamicQuant, quantizes=True)
+class DynamicQuantMethod:
+    def torch(self, model: nn.Module, cfg: DynamicQuant, ctx: Context) -> nn.Module:
+        known = {name for name, _ in model.named_modules()}
+        unknown = sorted(set(cfg.fallback) - known)
+        if unknown:
+            raise InputError(f"fallback: no layer named {unknown[0]!r} in the model")
+        return quantize_layers(model.eval(), dynamic_targets(model, cfg), cfg.reduce_range)
+
+    def restore(self, model: nn.Module, cfg: DynamicQuant, ctx: Context, saved: dict) -> nn.Module:
+        return self.torch(copy.deepcopy(model), cfg, ctx)  # no data: deterministic from the weights
 
 
 def quantize_dynamic(model: nn.Module, cfg: DynamicQuant | None = None) -> nn.Module:
     """A dynamically quantized copy of ``model``; the caller's model is untouched."""
-    return _apply_dynamic(copy.deepcopy(model), cfg or DynamicQuant(), Context())
+    return apply_method(model, cfg or DynamicQuant())
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,6 +1,7 @@
 """Post-training quantization: prepare -> calibrate -> bias correction -> error report."""
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterable
 
@@ -11,7 +12,7 @@ from deepshrink.compress.quant.config import PTQ, resolve_reduce_range
 from deepshrink.compress.quant.modules import quant_layers, set_quantization
 from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.data import CalibrationSet
 from deepshrink.data.datasets import iterate_batches
 
@@ -38,9 +39,13 @@ def ptq(model: nn.Module, cfg: PTQ, batches: list[torch.Tensor]) -> nn.Module:
     return qmodel
 
 
-@register(PTQ)
-def _apply_ptq(model: nn.Module, cfg: PTQ, ctx: Context) -> nn.Module:
-    return ptq(model, cfg, calibration_batches(ctx, cfg.calib_samples, ctx.calib))
+@method("quantize", PTQ, needs=("data?", "calib?"), quantizes=True)
+class PTQMethod:
+    def torch(self, model: nn.Module, cfg: PTQ, ctx: Context) -> nn.Module:
+        return ptq(model, cfg, calibration_batches(ctx, cfg.calib_samples, ctx.calib))
+
+    def restore(self, model: nn.Module, cfg: PTQ, ctx: Context, saved: dict) -> nn.Module:
+        return self.torch(copy.deepcopy(model), cfg, ctx)  # calibration only: cheap and deterministic
 
 
 # -- bias correction -----------------------------------------------------------

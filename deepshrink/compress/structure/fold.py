@@ -8,12 +8,15 @@ rounding error by gamma / std).
 """
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, method
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -93,3 +96,18 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
         _replace(folded, bn_name, nn.Identity())
     return folded
+
+
+@dataclass(frozen=True)
+class FoldBN(Config):
+    """Fold every foldable BatchNorm into the conv/linear layer before it (no options:
+    the fold is exact in eval mode, so there is nothing to choose)."""
+
+
+@method("fold_bn", FoldBN)
+class FoldBNMethod:
+    def torch(self, model: nn.Module, cfg: FoldBN, ctx: Context) -> nn.Module:
+        return fold_batchnorm(model)
+
+    def restore(self, model: nn.Module, cfg: FoldBN, ctx: Context, saved: dict) -> nn.Module:
+        return fold_batchnorm(model)  # BatchNorms become Identity: the checkpoint has no BN entries
