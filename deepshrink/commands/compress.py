@@ -14,6 +14,9 @@ def add_commands(sub) -> None:
     p.add_argument("model", help="zoo name, module:function, or an .onnx file (compressed without PyTorch source)")
     p.add_argument("--npz", default=None, help="ONNX input: calibration/evaluation inputs (one array per graph input, optional labels y)")
     p.add_argument("--eval-npz", default=None, help="ONNX input: a separate .npz to evaluate on (default: --npz)")
+    p.add_argument(
+        "--output", default=None, help="ONNX input: the graph output whose fidelity the report leads with (default: the worst one)"
+    )
     p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
@@ -37,8 +40,8 @@ def _compress(args: argparse.Namespace) -> int:
     onnx_in = args.model.endswith(".onnx")
     if onnx_in and not Path(args.model).is_file():
         raise InputError(f"{args.model}: no such ONNX file")
-    if not onnx_in and (args.npz or args.eval_npz):
-        raise DeepShrinkError("--npz and --eval-npz are for .onnx models; PyTorch models use --dataset/--data-dir")
+    if not onnx_in and (args.npz or args.eval_npz or args.output):
+        raise DeepShrinkError("--npz, --eval-npz and --output are for .onnx models; PyTorch models use --dataset/--data-dir")
     model = None if onnx_in else resolve_model(args.model, args.weights)  # an unknown model or bad weights fail here
     print(f"recipe {recipe.name} on {args.model}:")
     print("\n".join(recipe.plan()))
@@ -66,7 +69,14 @@ def _compress_onnx(args: argparse.Namespace, recipe) -> int:
 
     out = args.out or f"runs/{recipe.name}-{Path(args.model).stem}"
     report = compress_onnx(
-        args.model, recipe, out, npz=args.npz, progress=not args.no_progress, eval_npz=args.eval_npz, threads=args.threads
+        args.model,
+        recipe,
+        out,
+        npz=args.npz,
+        progress=not args.no_progress,
+        eval_npz=args.eval_npz,
+        threads=args.threads,
+        output=args.output,
     )
     if args.json:
         print(json.dumps(report, indent=2))

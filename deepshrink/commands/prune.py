@@ -153,7 +153,7 @@ def _prune_verify_onnx(model, data, path: str, threads: int | None):
 
 def _prune_sensitivity(model, data, cfg, args: argparse.Namespace, out) -> dict[str, str]:
     """Per-layer magnitude sensitivity of the unpruned model: JSON (with suggested ratios for magnitude) and PNG."""
-    from deepshrink.evaluate.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
+    from deepshrink.analysis.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 
     if len(data.val) == 0:
         raise DeepShrinkError("--sensitivity measures on the validation set: use --val-size > 0")

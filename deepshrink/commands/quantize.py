@@ -82,12 +82,12 @@ def _quantize(args: argparse.Namespace) -> int:
 def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> tuple[dict, object]:
     """report.json's content and the fp32 / quantized comparison (Top-1 in torch and ORT, bytes, ORT latency)."""
     from deepshrink.compress.quant import save_quantized_model
+    from deepshrink.compress.quant.onnx_qdq import export_quantized_onnx
     from deepshrink.evaluate import evaluate_accuracy
     from deepshrink.evaluate.accuracy import ort_top1
     from deepshrink.evaluate.compare import compare, measure_ort_latency
     from deepshrink.evaluate.size import fp32_param_bytes
     from deepshrink.export import onnx_bytes, ort_session
-    from deepshrink.export.qdq import export_quantized_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     packed = save_quantized_model(qmodel, out / "model.safetensors")

@@ -106,17 +106,18 @@ def _transformer(args: argparse.Namespace) -> int:
 
 def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
     """Params, ONNX bytes, pooled-embedding fidelity to the original (torch and ORT) and ORT latency, before and after."""
-    from deepshrink.compress.quant.dynamic import parameter_count, quantized_layers
+    from deepshrink.compress.quant.dynamic import dynamic_quant_layers, parameter_count
     from deepshrink.evaluate.compare import compare, latency_key
+    from deepshrink.evaluate.fidelity import fidelity
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
     from deepshrink.export.onnx import write_atomic
-    from deepshrink.transformers import cosine_fidelity, encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
+    from deepshrink.transformers import encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
     from deepshrink.transformers.export import ort_feed
 
     reference = pooled_embeddings(original, batches)
     sides = {"original": (original, encoder_onnx_bytes(original))}
-    quantized = bool(quantized_layers(compressed))
+    quantized = bool(dynamic_quant_layers(compressed))
     sides["compressed"] = (
         compressed,
         encoder_dynamic_onnx(compressed, weight_type=args.weight_type) if quantized else encoder_onnx_bytes(compressed),
@@ -128,15 +129,15 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
         session = ort_session(proto, args.threads)
         feed = ort_feed(session, batches[0])
         median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), args.repeats)
-        torch_fidelity = cosine_fidelity(reference, pooled_embeddings(model, batches))
-        ort_fidelity = cosine_fidelity(reference, ort_pooled(session, batches))
+        torch_fidelity = fidelity(reference, pooled_embeddings(model, batches), agreement=False)
+        ort_fidelity = fidelity(reference, ort_pooled(session, batches), agreement=False)
         measured[side] = {
             "params": parameter_count(model),
             "onnx_bytes": len(proto),
-            "cosine_mean": torch_fidelity.mean,
-            "cosine_min": torch_fidelity.min,
-            "cosine_mean_ort": ort_fidelity.mean,
-            "cosine_min_ort": ort_fidelity.min,
+            "cosine_mean": torch_fidelity.cosine_mean,
+            "cosine_min": torch_fidelity.cosine_min,
+            "cosine_mean_ort": ort_fidelity.cosine_mean,
+            "cosine_min_ort": ort_fidelity.cosine_min,
             latency_key(batch[0]): median,
         }
     comparison = compare(measured["original"], measured["compressed"], ("original", "compressed"))

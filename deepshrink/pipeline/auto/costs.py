@@ -10,13 +10,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from deepshrink.analysis.sensitivity import output_kl, probe_layers, pruned, shared
 from deepshrink.compress.prune.unstructured import MagnitudePrune
 from deepshrink.compress.share.kmeans_share import KMeansShare, tie_to_codebooks
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.encode.pack import pack
-from deepshrink.evaluate.sensitivity import output_kl, probe_layers, pruned, shared
 from deepshrink.pipeline.auto.options import FP32_BITS, AutoOptions, Option
 
 

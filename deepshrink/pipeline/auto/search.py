@@ -10,10 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from torch import nn
 
+from deepshrink.analysis.sensitivity import kl_divergence, output_logprobs
 from deepshrink.data.datasets import DataBundle, ImageSet
 from deepshrink.encode.pack import pack
 from deepshrink.evaluate.accuracy import evaluate_accuracy
-from deepshrink.evaluate.sensitivity import kl_divergence, output_logprobs
 from deepshrink.pipeline.auto.costs import interpolated_cost, layer_names, layer_options, measure_bytes, measure_sensitivity, sharing_cost
 from deepshrink.pipeline.auto.options import AutoOptions, AutoResult, Plan, Trial
 from deepshrink.pipeline.auto.plan import plan_bytes, plan_dict, plan_path, plan_summary, planned_sparsity, sparsities
