@@ -1,4 +1,4 @@
-"""``python -m deepshrink``: the same as the ``deepshrink`` command."""
+"""``python -m deepshrink``: what ``torchrun --nproc-per-node N -m deepshrink ...`` runs on every rank."""
 
 import sys
 

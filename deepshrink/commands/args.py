@@ -16,6 +16,20 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch/ORT intra-op threads (default: torch's)")
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dist-backend, for the commands that train or calibrate."""
+    from deepshrink.distributed import BACKENDS, DEVICE_NAMES
+
+    p.add_argument(
+        "--device",
+        default=None,
+        help=f"where training, calibration and validation run: {DEVICE_NAMES} (default: each config's, auto = CUDA when available); files written never depend on it",
+    )
+    p.add_argument(
+        "--dist-backend", default="auto", choices=BACKENDS, help="under torchrun: gloo (CPU) or nccl (GPUs); auto picks by device"
+    )
+
+
 def load_data(args: argparse.Namespace, **kwargs):
     """The data the flags of ``add_data_args`` name; ``kwargs`` add e.g. ``train_subset`` or ``seed``."""
     import deepshrink.data
