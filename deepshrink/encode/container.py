@@ -28,6 +28,21 @@ class DszError(DeepShrinkError, ValueError):
     """A .dsz archive or one of its encoded streams is missing, truncated or corrupt."""
 
 
+def _compact_json_bytes(value) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+# A stream-table row's offset and length digits (and its comma) vary with where the stream lands; a typical
+# row's share keeps a per-tensor size independent of the other tensors.
+_ROW_BYTES = _compact_json_bytes({"name": "", "offset": 0, "length": 0, "sha256": "0" * 64}) + 10
+
+
+def manifest_share(entry: dict) -> int:
+    """Bytes one tensor's ``entry`` adds to the serialised manifest: the entry (and its comma) plus a
+    stream-table row for each stream it names in ``entry["streams"]``."""
+    return _compact_json_bytes(entry) + 1 + sum(_ROW_BYTES + len(key) for key in entry.get(STREAMS_KEY, {}).values())
+
+
 def pack_archive(manifest: dict, streams: dict[str, bytes]) -> bytes:
     """Serialise ``manifest`` and ``streams`` (in dict order); the manifest must be plain JSON and not use ``streams``."""
     if not isinstance(manifest, dict):
