@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
-from deepshrink.compress.quant.blockwise4 import Blockwise4Linear, Blocks4, blockwise4_layers
+from deepshrink.compress.quant.blockwise4 import Blocks4, Blockwise4Linear, blockwise4_layers
 from deepshrink.compress.quant.dynamic import quantized_layers
 from deepshrink.core.errors import InputError
 from deepshrink.export.names import NameGen

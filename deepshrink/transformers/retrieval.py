@@ -67,7 +67,9 @@ def neighbour_agreement(reference: Tensor, candidate: Tensor, queries: int = 200
     if reference.shape != candidate.shape or reference.dim() != 2:
         raise InputError(f"neighbour_agreement: need two equal 2-d shapes, got {tuple(reference.shape)} and {tuple(candidate.shape)}")
     if not 1 <= k < reference.shape[0] or not 1 <= queries <= reference.shape[0]:
-        raise InputError(f"neighbour_agreement: need 1 <= k < corpus size and 1 <= queries <= corpus size; got k={k}, queries={queries}, corpus {reference.shape[0]}")
+        raise InputError(
+            f"neighbour_agreement: need 1 <= k < corpus size and 1 <= queries <= corpus size; got k={k}, queries={queries}, corpus {reference.shape[0]}"
+        )
     ref, cand = top_k_neighbours(reference, queries, k), top_k_neighbours(candidate, queries, k)
     overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ref, cand, strict=True)])
     return Agreement(float(overlap.mean()), float(overlap.min()), queries, int(reference.shape[0]), k)

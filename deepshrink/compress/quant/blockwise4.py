@@ -110,7 +110,11 @@ class Blockwise4Linear(nn.Linear):
 
 
 def blockwise4_targets(model: nn.Module, cfg: Blockwise4) -> list[str]:
-    return [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear) and cfg.scope.matches(name, m) and name not in cfg.fallback]
+    return [
+        name
+        for name, m in model.named_modules()
+        if name and isinstance(m, nn.Linear) and cfg.scope.matches(name, m) and name not in cfg.fallback
+    ]
 
 
 def quantize_layers_4bit(model: nn.Module, names: list[str], cfg: Blockwise4) -> nn.Module:
