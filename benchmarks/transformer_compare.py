@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -235,7 +236,7 @@ def torch_runner(model: nn.Module, batch) -> callable:
     return run
 
 
-FUSED = (
+OPS_SHOWN = (
     "DynamicQuantizeMatMul",
     "MatMulIntegerToFloat",
     "MatMulInteger",
@@ -244,12 +245,10 @@ FUSED = (
     "FusedMatMul",
     "LayerNormalization",
     "SkipLayerNormalization",
-    "Attention",
-    "Gelu",
-    "BiasGelu",
     "IsNaN",
     "DequantizeLinear",
 )
+FUSED = (*OPS_SHOWN, "Attention", "Gelu", "BiasGelu")
 
 
 def measure_onnx(name: str, proto: bytes, texts, args) -> dict:
@@ -292,6 +291,7 @@ def prune_and_distill(model, texts, args) -> tuple[nn.Module, nn.Module, list[fl
 def build(model, texts, args) -> tuple[dict[str, dict], dict]:
     """Every ONNX model of the comparison, measured; plus what the search steps found."""
     wt = cpu_weight_type()
+    full = not args.quick
     fp32_ours = serving_onnx(model)
     files = {
         "onnx_plain": ("torch.onnx.export, defaults (fp32)", plain_torch_export(model)),
@@ -300,42 +300,52 @@ def build(model, texts, args) -> tuple[dict[str, dict], dict]:
     int8 = serving_int8(model)
     files["int8_ours"] = (f"deepshrink dynamic int8 ({wt} weights for this CPU)", serving_quantized_onnx(int8))
     other = "uint8" if wt == "int8" else "int8"
-    files["int8_ours_other"] = (f"deepshrink dynamic int8, {other} weights", serving_quantized_onnx(int8, weight_type=other))
+    if full:
+        files["int8_ours_other"] = (f"deepshrink dynamic int8, {other} weights", serving_quantized_onnx(int8, weight_type=other))
     files["int8_ort_pc"] = ("onnxruntime quantize_dynamic (QInt8, per-channel)", ort_dynamic(fp32_ours, per_channel=True))
-    files["int8_ort"] = ("onnxruntime quantize_dynamic (QInt8, per-tensor)", ort_dynamic(fp32_ours, per_channel=False))
+    if full:
+        files["int8_ort"] = ("onnxruntime quantize_dynamic (QInt8, per-tensor)", ort_dynamic(fp32_ours, per_channel=False))
+    progress("int8 files written")
     int4 = {}
-    for block, symmetric, search in ((32, True, False), (32, False, True), (128, False, False)):
+    for block, symmetric, search in ((32, True, False), (32, False, True), (128, False, False))[0 if full else 1 : 3 if full else 2]:
         key = f"int4_b{block}_{'sym' if symmetric else 'asym'}{'_search' if search else ''}"
         int4[key] = serving_int4(model, Blockwise4(block_size=block, symmetric=symmetric, search=search))
         label = f"deepshrink 4-bit, block {block}, {'symmetric' if symmetric else 'asymmetric'}{', scale search' if search else ''}"
         files[key] = (label, serving_quantized_onnx(int4[key]))
-    for block, symmetric in ((32, True), (128, False)):
+    for block, symmetric in ((32, True), (128, False))[: 2 if full else 1]:
         files[f"ort4_b{block}"] = (
             f"onnxruntime MatMulNBitsQuantizer, block {block}, {'symmetric' if symmetric else 'asymmetric'}",
             ort_4bit(fp32_ours, block, symmetric),
         )
-    start = time.perf_counter()
-    ladder_model, ladder = quantize_with_ladder(
-        model, texts["sentence_batches"], Blockwise4(block_size=32, symmetric=False, search=True), args.ladder_mean, args.ladder_min
-    )
-    ladder_seconds = time.perf_counter() - start
-    counts = ladder.counts()
-    files["int4_ladder"] = (
-        f"deepshrink 4/8/32 ladder (mean >= {args.ladder_mean}, min >= {args.ladder_min}): {counts['int4']} int4, {counts['int8']} int8, {counts['fp32']} fp32",
-        serving_quantized_onnx(ladder_model),
-    )
+    progress("4-bit files written")
+    extra = {}
+    if full:
+        start = time.perf_counter()
+        ladder_model, ladder = quantize_with_ladder(
+            model, texts["sentence_batches"], Blockwise4(block_size=32, symmetric=False, search=True), args.ladder_mean, args.ladder_min
+        )
+        extra.update(ladder=ladder.to_dict(), ladder_seconds=time.perf_counter() - start)
+        counts = ladder.counts()
+        files["int4_ladder"] = (
+            f"deepshrink 4/8/32 ladder (mean >= {args.ladder_mean}, min >= {args.ladder_min}): {counts['int4']} int4, {counts['int8']} int8, {counts['fp32']} fp32",
+            serving_quantized_onnx(ladder_model),
+        )
+        progress("ladder done")
     pruned, distilled, losses, prune_seconds = prune_and_distill(model, texts, args)
+    progress("pruned and distilled")
     files["pruned"] = (f"heads + FFN -{args.prune:.0%}, no distillation (fp32)", serving_onnx(pruned))
     files["pruned_distilled"] = (f"heads + FFN -{args.prune:.0%}, {args.distill_steps} distillation steps (fp32)", serving_onnx(distilled))
-    files["pruned_distilled_int8"] = (
-        f"heads + FFN -{args.prune:.0%}, distilled, dynamic int8 ({wt})",
-        serving_quantized_onnx(serving_int8(distilled)),
-    )
-    rows = {key: measure_onnx(label, proto, texts, args) for key, (label, proto) in files.items()}
+    if full:
+        files["pruned_distilled_int8"] = (
+            f"heads + FFN -{args.prune:.0%}, distilled, dynamic int8 ({wt})",
+            serving_quantized_onnx(serving_int8(distilled)),
+        )
+    rows = {}
+    for key, (label, proto) in files.items():
+        rows[key] = measure_onnx(label, proto, texts, args)
+        progress(f"measured {key}")
     rows["int8_ours"]["torch"] = torch_row("torch model of deepshrink int8", int8, texts)
-    extra = {
-        "ladder": ladder.to_dict(),
-        "ladder_seconds": ladder_seconds,
+    extra |= {
         "prune_seconds": prune_seconds,
         "distill_loss_first_last": [losses[0], losses[-1]],
         "pruned_params": parameter_count(pruned),
@@ -346,8 +356,12 @@ def build(model, texts, args) -> tuple[dict[str, dict], dict]:
     return rows, extra
 
 
+def progress(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
 def texts_for(tokenizer, args) -> dict:
-    corpus = python_docs_sentences()
+    corpus = python_docs_sentences()[: args.corpus or None]
     sentence_batches = dt.tokenize(SENTENCES, tokenizer, batch_size=16, max_length=128)
     corpus_batches = dt.tokenize(corpus, tokenizer, batch_size=32, max_length=128)
     train = [s for i, s in enumerate(corpus) if i % 2 == 1]  # distillation text: every other corpus sentence
@@ -375,6 +389,8 @@ def main() -> None:
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--ladder-mean", type=float, default=0.99)
     parser.add_argument("--ladder-min", type=float, default=0.95)
+    parser.add_argument("--corpus", type=int, default=0, help="use the first N corpus sentences (0: all)")
+    parser.add_argument("--quick", action="store_true", help="the int8 and 4-bit bars and pruning only (no ladder, no secondary variants)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -383,11 +399,13 @@ def main() -> None:
     texts = texts_for(tokenizer, args)
     texts["reference"] = dt.pooled_embeddings(model, texts["sentence_batches"])
     texts["corpus_reference"] = dt.pooled_embeddings(model, texts["corpus_batches"])
+    progress("reference embeddings done")
     rows, extra = build(model, texts, args)
     batch = texts["latency_batch"]
     runners = {"torch_fp32": torch_runner(model, batch)}
     runners.update({key: ort_runner(row["session"], batch) for key, row in rows.items()})
     latency = interleaved_latency(runners, args.repeats, args.rounds)
+    progress("latency done")
     for key, row in rows.items():
         row["latency_ms"], row["latency_p90_ms"] = latency[key]
         del row["session"]
@@ -414,6 +432,7 @@ def main() -> None:
         "rounds": args.rounds,
         "cpu_weight_type": cpu_weight_type(),
         "distill_steps": args.distill_steps,
+        "command": "benchmarks/transformer_compare.py " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - started,
     }
     print_table(list(rows.values()), COLUMNS, title="transformer compression")
@@ -456,21 +475,7 @@ COLUMNS = [
     Column("top-10 agreement", lambda r: r.get("retrieval", {}).get("mean"), "{:.3f}"),
     Column("worst query", lambda r: r.get("retrieval", {}).get("min"), "{:.1f}"),
 ]
-OP_COLUMNS = [Column("method", lambda r: r["method"])] + [
-    Column(op, lambda r, op=op: r["ops"][op])
-    for op in (
-        "DynamicQuantizeMatMul",
-        "MatMulIntegerToFloat",
-        "MatMulInteger",
-        "MatMulNBits",
-        "MatMul",
-        "FusedMatMul",
-        "LayerNormalization",
-        "SkipLayerNormalization",
-        "IsNaN",
-        "DequantizeLinear",
-    )
-]
+OP_COLUMNS = [Column("method", lambda r: r["method"])] + [Column(op, lambda r, op=op: r["ops"][op]) for op in OPS_SHOWN]
 SECTIONS = (
     ("fp32", ("torch_fp32", "onnx_plain", "onnx_ours")),
     ("Dynamic int8", ("int8_ours", "int8_ours_other", "int8_ort_pc", "int8_ort")),
@@ -488,22 +493,27 @@ def write(rows, extra, acceptance, env, setup) -> None:
         + describe_environment(env, setup["threads"], shared=True)
         + f"Latency: ONNX Runtime (torch for the first row), batch {setup['latency_batch'][0]} corpus sentences x {setup['latency_batch'][1]} tokens, "
         f"median of {setup['rounds']} interleaved rounds of {setup['repeats']} runs, every model timed in this run.\n"
-        "Reproduce: `.venv/bin/python benchmarks/transformer_compare.py` (needs the `bench` extra).\n\n"
+        f"Reproduce: `.venv/bin/python {setup['command'].strip()}` (needs the `bench` extra).\n\n"
     )
     body = ""
     for title, keys in SECTIONS:
-        body += f"## {title}\n\n" + markdown_table([rows[k] for k in keys], COLUMNS) + "\n"
+        body += f"## {title}\n\n" + markdown_table([rows[k] for k in keys if k in rows], COLUMNS) + "\n"
     ours_torch = rows["int8_ours"]["torch"]
-    ladder = extra["ladder"]
+    ladder = extra.get("ladder")
+    ladder_text = (
+        f"The 4/8/32 ladder search took {extra['ladder_seconds']:.0f} s; all 4-bit it measured mean {ladder['all_int4']['mean']:.4f} / min {ladder['all_int4']['min']:.4f} on the 64 sentences. "
+        if ladder
+        else "(ladder and secondary variants not run: --quick) "
+    )
     body += (
         f"deepshrink int8 in torch (the model ORT's file was exported from): cosine mean {ours_torch['sentences']['mean']:.5f} / min {ours_torch['sentences']['min']:.4f} (64), "
-        f"top-10 agreement {ours_torch['retrieval']['mean']:.3f}. The 4/8/32 ladder search took {extra['ladder_seconds']:.0f} s; "
-        f"all 4-bit it measured mean {ladder['all_int4']['mean']:.4f} / min {ladder['all_int4']['min']:.4f} on the 64 sentences. "
-        f"Pruning: heads {extra['heads'][0]} -> {extra['heads'][1]} per layer, FFN {extra['ffn'][0]} -> {extra['ffn'][1]}, "
+        f"top-10 agreement {ours_torch['retrieval']['mean']:.3f}. "
+        + ladder_text
+        + f"Pruning: heads {extra['heads'][0]} -> {extra['heads'][1]} per layer, FFN {extra['ffn'][0]} -> {extra['ffn'][1]}, "
         f"parameters {extra['params']:,} -> {extra['pruned_params']:,}; distillation loss {extra['distill_loss_first_last'][0]:.3f} -> {extra['distill_loss_first_last'][1]:.3f} "
         f"({setup['distill_steps']} steps on every other corpus sentence; prune + distill {extra['prune_seconds']:.0f} s).\n\n"
         "## Ops in the graph ONNX Runtime runs (after its CPU optimisations)\n\n"
-        + markdown_table([rows[k] for _, keys in SECTIONS for k in keys if "ops" in rows[k]], OP_COLUMNS)
+        + markdown_table([rows[k] for _, keys in SECTIONS for k in keys if "ops" in rows.get(k, {})], OP_COLUMNS)
         + "\n## Acceptance (issue 18, int8 against quantize_dynamic per-channel on the same exported graph)\n\n"
         + "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in acceptance.items())
         + "\n"

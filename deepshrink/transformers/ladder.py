@@ -15,7 +15,7 @@ from torch import nn
 
 from deepshrink.compress.quant.blockwise4 import Blockwise4, blockwise4_targets, quantize_layers_4bit
 from deepshrink.compress.quant.dynamic import DynamicQuantLinear, set_module
-from deepshrink.transformers.fallback import MEAN_TARGET, MIN_TARGET
+from deepshrink.transformers.fallback import MEAN_TARGET, MIN_TARGET, _damage
 from deepshrink.transformers.fidelity import Fidelity, cosine_fidelity, pooled_embeddings
 from deepshrink.transformers.load import Batch, check_batches
 from deepshrink.transformers.serving import serving_int4
@@ -43,10 +43,6 @@ class LadderResult:
             "all_int4": self.all_int4.to_dict(),
             "steps": [{"layer": n, "rung": r, **f.to_dict()} for n, r, f in self.steps],
         }
-
-
-def _damage(fid: Fidelity, mean_target: float, min_target: float) -> float:
-    return max((1 - fid.mean) / max(1 - mean_target, 1e-12), (1 - fid.min) / max(1 - min_target, 1e-12))
 
 
 def quantize_with_ladder(
