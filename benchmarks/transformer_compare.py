@@ -45,10 +45,11 @@ from torch import nn
 import deepshrink.transformers as dt
 from deepshrink.compress.quant.blockwise4 import Blockwise4
 from deepshrink.compress.quant.dynamic import parameter_count
+from deepshrink.compress.quant.onnx_dynamic import cpu_weight_type
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.evaluate.environment import describe_environment, environment
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.evaluate.latency import time_callable
-from deepshrink.export.onnx_dynamic import cpu_weight_type
 from deepshrink.report import Column, markdown_table, print_table
 from deepshrink.transformers.export import _Outputs, ort_feed
 from deepshrink.transformers.ladder import quantize_with_ladder
@@ -259,12 +260,17 @@ def measure_onnx(name: str, proto: bytes, texts, args) -> dict:
     return {
         "method": name,
         "disk_bytes": len(proto),
-        "sentences": dt.cosine_fidelity(texts["reference"], sentences).to_dict(),
-        "corpus": dt.cosine_fidelity(texts["corpus_reference"], corpus).to_dict(),
+        "sentences": cosines(texts["reference"], sentences),
+        "corpus": cosines(texts["corpus_reference"], corpus),
         "retrieval": neighbour_agreement(texts["corpus_reference"], corpus, queries=len(corpus), k=10).to_dict(),
         "ops": {op: ops.get(op, 0) for op in FUSED},
         "session": sess,
     }
+
+
+def cosines(reference, candidate) -> dict:
+    found = fidelity(reference, candidate, agreement=False)
+    return {"mean": found.cosine_mean, "min": found.cosine_min, "samples": found.samples}
 
 
 def torch_row(name: str, model: nn.Module, texts) -> dict:
@@ -272,8 +278,8 @@ def torch_row(name: str, model: nn.Module, texts) -> dict:
     return {
         "method": name,
         "disk_bytes": None,
-        "sentences": dt.cosine_fidelity(texts["reference"], sentences).to_dict(),
-        "corpus": dt.cosine_fidelity(texts["corpus_reference"], corpus).to_dict(),
+        "sentences": cosines(texts["reference"], sentences),
+        "corpus": cosines(texts["corpus_reference"], corpus),
         "retrieval": neighbour_agreement(texts["corpus_reference"], corpus, queries=len(corpus), k=10).to_dict(),
     }
 
@@ -282,7 +288,7 @@ def prune_and_distill(model, texts, args) -> tuple[nn.Module, nn.Module, list[fl
     """30% of heads and FFN neurons removed (activation importance), then distilled from the original on unlabelled corpus text."""
     cfg = dt.TransformerPrune(heads=args.prune, neurons=args.prune, importance="activation")
     start = time.perf_counter()
-    pruned = apply_method(model, cfg, Context(texts["sentence_batches"], progress=False))
+    pruned = apply_method(model, cfg, Context(batches=texts["sentence_batches"], progress=False))
     distilled = copy.deepcopy(pruned)
     losses = dt.distill(distilled, model, texts["train_batches"], dt.Distill(steps=args.distill_steps, lr=args.distill_lr, seed=args.seed))
     return pruned, distilled, losses, time.perf_counter() - start

@@ -10,7 +10,7 @@ from deepshrink.compress.prune import MagnitudePrune
 from deepshrink.compress.share import KMeansShare
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, apply_method, register
+from deepshrink.core.methods import Context, apply_method, method
 from deepshrink.train import TrainConfig
 
 pytestmark = pytest.mark.unit
@@ -276,10 +276,11 @@ def test_register_passes_a_copy_and_context():
 
     seen = {}
 
-    @register(Probe)
-    def _probe(model, cfg, ctx):
-        seen["model"], seen["ctx"] = model, ctx
-        return model
+    @method("probe", Probe)
+    class ProbeMethod:
+        def torch(self, model, cfg, ctx):
+            seen["model"], seen["ctx"] = model, ctx
+            return model
 
     net = small_net()
     ctx = Context(data="bundle", progress=False)
@@ -289,4 +290,4 @@ def test_register_passes_a_copy_and_context():
     apply_method(net, Probe())
     assert isinstance(seen["ctx"], Context) and seen["ctx"].data is None
     with pytest.raises(ValueError, match="already registered"):
-        register(Probe)(_probe)
+        method("probe", Probe)(ProbeMethod)

@@ -18,6 +18,8 @@ from deepshrink.compress.share import KMeansShare
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.encode.container import DszError
+from deepshrink.encode.step import Pack
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.export import export_onnx
 from deepshrink.models import create_model
 from deepshrink.onnx_in import (
@@ -25,7 +27,6 @@ from deepshrink.onnx_in import (
     clean_onnx,
     compress_onnx,
     evaluate_onnx,
-    fidelity,
     first_output,
     load_onnx,
     normalize_initializers,
@@ -38,7 +39,7 @@ from deepshrink.onnx_in import (
     unpack_onnx,
     weight_refs,
 )
-from deepshrink.pipeline.recipe import Pack, Recipe
+from deepshrink.pipeline.recipe import Recipe
 
 pytestmark = pytest.mark.unit
 SHAPE = (1, 12, 12)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from deepshrink.analysis.sensitivity import SensitivityResult, layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 from deepshrink.compress.prune import (
     BNScaleL1Regularizer,
     GroupLassoRegularizer,
@@ -15,6 +16,7 @@ from deepshrink.compress.prune import (
     LotteryTicket,
     MagnitudePrune,
     NMPrune,
+    Regularize,
     find_ticket,
     magnitude_masks,
     nm_mask,
@@ -32,7 +34,6 @@ from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import DataBundle, ImageSet
 from deepshrink.evaluate.accuracy import evaluate_accuracy
-from deepshrink.evaluate.sensitivity import SensitivityResult, layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 from deepshrink.pipeline.recipe import parse_recipe
 from deepshrink.train import TrainConfig, Trainer
 from tests.conftest import make_learnable_set
@@ -197,6 +198,22 @@ def test_a_large_strength_shrinks_the_target(learnable_set, make, strength):
         near_zero = sum(int((reg < 0.1 * ref.mean()).sum()) for reg, ref in zip(*norms, strict=True))
         assert near_zero >= 0.25 * sum(len(n) for n in norms[0])
         assert all((ref > 0.1 * ref.mean()).all() for ref in norms[1])
+
+
+def test_a_finetune_step_regularises_from_its_config(learnable_set):
+    """``finetune: {regularize: ...}`` in a recipe builds the same hook: BN-scale L1 shrinks the gammas."""
+    train = {"epochs": 5, "lr": 0.05, **FAST}
+    steps = [{"finetune": {"train": train}}, {"finetune": {"train": train, "regularize": {"kind": "bn_scale", "strength": 0.2}}}]
+    (_, plain), (_, regularised) = parse_recipe({"name": "r", "version": 1, "steps": steps}).steps
+    assert regularised.regularize == Regularize(kind="bn_scale", strength=0.2)
+    gammas = [
+        float(BNScaleL1Regularizer(apply_method(cnn(), cfg, Context(bundle(learnable_set), progress=False)), 1.0).penalty().detach())
+        for cfg in (plain, regularised)
+    ]
+    assert gammas[1] < 0.4 * gammas[0]
+    with pytest.raises(InputError, match=r"steps\[0\].finetune.regularize.kind"):
+        parse_recipe({"name": "r", "version": 1, "steps": [{"finetune": {"regularize": {"kind": "l2"}}}]})
+    assert isinstance(Regularize(kind="group_lasso").hook(cnn()), GroupLassoRegularizer)
 
 
 # -- lottery ticket --------------------------------------------------------------------

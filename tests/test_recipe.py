@@ -12,10 +12,11 @@ from deepshrink.compress.share import KMeansShare
 from deepshrink.core.errors import InputError
 from deepshrink.data.datasets import DataBundle, ImageSet
 from deepshrink.encode.pack import unpack
+from deepshrink.encode.step import Pack
 from deepshrink.models import create_model
 from deepshrink.models.weights import load_weights
 from deepshrink.pipeline import runner
-from deepshrink.pipeline.recipe import RECIPES_DIR, Pack, Recipe, load_recipe, parse_recipe
+from deepshrink.pipeline.recipe import RECIPES_DIR, Recipe, load_recipe, parse_recipe
 from deepshrink.train import TrainConfig
 
 unit = pytest.mark.unit

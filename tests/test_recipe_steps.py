@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from deepshrink.compress.quant.config import resolve_reduce_range
+from deepshrink.core.errors import InputError
 from deepshrink.data import load_data
 from deepshrink.models import create_model
 from deepshrink.models.weights import load_weights
@@ -95,6 +96,33 @@ def test_decompose_step_resumes_into_the_factorised_structure(data, tmp_path):
     assert first.rows[-1].params < first.rows[0].params
     again = run(steps, data, tmp_path / "r")
     assert again.rows[-1].params == first.rows[-1].params and again.rows[-1].top1 == first.rows[-1].top1
+
+
+@flow
+def test_fold_bn_and_dynamic_int8_steps_run_resume_and_agree_in_onnxruntime(data, tmp_path):
+    steps = [{"fold_bn": {}}, {"dynamic_quant": {}}, {"export": {}}]
+    first = run(steps, data, tmp_path / "r")
+    original, folded, quantized = first.rows
+    assert (folded.top1, folded.params) == (original.top1, original.params)  # lenet5 has no BatchNorm: nothing to fold
+    assert quantized.params == folded.params and quantized.fixed_width_bytes < folded.fixed_width_bytes / 2
+    assert abs(quantized.top1 - folded.top1) < 1.0 and first.onnx_max_abs_diff < 1e-4
+    assert "DynamicQuantizeLinear" in {node.op_type for node in onnx.load(first.onnx_path).graph.node}
+    again = run(steps, data, tmp_path / "r")  # both steps restored from their checkpoints
+    assert [(r.top1, r.params, r.fixed_width_bytes) for r in again.rows] == [(r.top1, r.params, r.fixed_width_bytes) for r in first.rows]
+    assert again.onnx_top1 == first.onnx_top1
+
+
+def test_transformer_steps_parse_and_quantized_steps_come_last():
+    recipe = parse_recipe(
+        {
+            "name": "t",
+            "version": 1,
+            "steps": [{"transformer_prune": {"heads": 0.25}}, {"transformer_svd": {"rank_fraction": 0.5}}, {"dynamic_quant": {}}],
+        }
+    )
+    assert [kind for kind, _ in recipe.steps] == ["transformer_prune", "transformer_svd", "dynamic_quant"]
+    with pytest.raises(InputError, match="a quantized model can only be packed or exported"):
+        parse_recipe({"name": "t", "version": 1, "steps": [{"dynamic_quant": {}}, {"fold_bn": {}}]})
 
 
 RESUME_RECIPE = {

@@ -10,14 +10,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("transformers")
 
-import deepshrink.export.onnx_dynamic as onnx_dynamic  # noqa: E402
+import deepshrink.compress.quant.onnx_dynamic as onnx_dynamic  # noqa: E402
 import deepshrink.transformers as dt  # noqa: E402
 from deepshrink.compress.quant.blockwise4 import Blockwise4, blockwise4_layers, quantize_blocks, quantize_blockwise4  # noqa: E402
-from deepshrink.compress.quant.dynamic import DynamicQuantLinear, quantized_layers  # noqa: E402
+from deepshrink.compress.quant.dynamic import DynamicQuantLinear, dynamic_quant_layers  # noqa: E402
+from deepshrink.compress.quant.half_tables import half_precision_tables  # noqa: E402
+from deepshrink.compress.quant.onnx_nbits import pack_nibbles  # noqa: E402
 from deepshrink.core.errors import InputError  # noqa: E402
+from deepshrink.evaluate.fidelity import fidelity  # noqa: E402
 from deepshrink.export import ort_session  # noqa: E402
-from deepshrink.export.half_tables import half_precision_tables  # noqa: E402
-from deepshrink.export.matmul_nbits import pack_nibbles  # noqa: E402
 from deepshrink.transformers.ladder import quantize_with_ladder  # noqa: E402
 from deepshrink.transformers.retrieval import neighbour_agreement, python_docs_sentences  # noqa: E402
 from deepshrink.transformers.serving import ort_optimized_ops, serving_int4, serving_int8, serving_onnx, serving_quantized_onnx  # noqa: E402
@@ -50,7 +51,7 @@ def test_weight_type_follows_the_cpu(monkeypatch, vnni) -> None:
 @pytest.mark.parametrize("weight_type", ["int8", "uint8"])
 def test_serving_int8_reaches_the_fused_kernels_and_matches_torch(tiny, batches, weight_type) -> None:
     q = serving_int8(tiny)
-    assert len([n for n, m in quantized_layers(q).items() if isinstance(m, DynamicQuantLinear) and n.startswith("encoder.")]) == LINEARS
+    assert len([n for n, m in dynamic_quant_layers(q).items() if isinstance(m, DynamicQuantLinear) and n.startswith("encoder.")]) == LINEARS
     proto = serving_quantized_onnx(q, weight_type=weight_type)
     ops, fp32_ops = ort_optimized_ops(proto), ort_optimized_ops(serving_onnx(tiny))
     assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == LINEARS  # every projection fused
@@ -64,9 +65,9 @@ def test_serving_int8_reaches_the_fused_kernels_and_matches_torch(tiny, batches,
     codes = [t for name, t in types.items() if name.endswith("_quantized")]
     assert codes.count(TensorProto.INT8 if weight_type == "int8" else TensorProto.UINT8) >= LINEARS
     torch_q, ort_q = dt.pooled_embeddings(q, batches), dt.ort_pooled(ort_session(proto), batches)
-    assert dt.cosine_fidelity(torch_q, ort_q).min > 0.99999
-    fid = dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), ort_q)
-    assert fid.min > 0.99 and fid.mean < 1 - 1e-7
+    assert fidelity(torch_q, ort_q, agreement=False).cosine_min > 0.99999
+    fid = fidelity(dt.pooled_embeddings(tiny, batches), ort_q, agreement=False)
+    assert fid.cosine_min > 0.99 and fid.cosine_mean < 1 - 1e-7
 
 
 def test_half_precision_tables_only_rewrites_exact_tables() -> None:
@@ -125,7 +126,7 @@ def test_blockwise4_onnx_is_matmul_nbits_agrees_with_torch_and_is_4_bits_a_weigh
     if block_size == 32:  # no padding: 4 bits a weight plus one scale per 32 weights
         weights = sum(m.in_features * m.out_features for m in layers.values())
         assert nbits == weights * (4 + 32 / 32) / 8
-    assert dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), ort_q).min > 0.99
+    assert fidelity(dt.pooled_embeddings(tiny, batches), ort_q, agreement=False).cosine_min > 0.99
 
 
 def test_blockwise4_rejects_odd_block_and_unknown_fallback(tiny) -> None:
@@ -137,12 +138,12 @@ def test_blockwise4_rejects_odd_block_and_unknown_fallback(tiny) -> None:
 
 def test_ladder_climbs_to_meet_a_strict_target_and_exports_each_rung(tiny, batches) -> None:
     reference = dt.pooled_embeddings(tiny, batches)
-    all4 = dt.cosine_fidelity(reference, dt.pooled_embeddings(quantize_blockwise4(tiny), batches))
-    target = 1 - (1 - all4.mean) / 20  # 20x less damage than all 4-bit
+    all4 = fidelity(reference, dt.pooled_embeddings(quantize_blockwise4(tiny), batches), agreement=False)
+    target = 1 - (1 - all4.cosine_mean) / 20  # 20x less damage than all 4-bit
     q, result = quantize_with_ladder(tiny, batches, mean_target=target, min_target=0.0)
     counts = result.counts()
     assert counts["int8"] + counts["fp32"] > 0 and sum(counts.values()) == LINEARS + 1  # and the pooler
-    assert result.fidelity.mean >= target - 1e-4  # measured on the final model (int8 vocabulary, fp16 tables)
+    assert result.fidelity.cosine_mean >= target - 1e-4  # measured on the final model (int8 vocabulary, fp16 tables)
     ops = [n.op_type for n in onnx.load_from_string(serving_quantized_onnx(q)).graph.node]
     assert result.levels["pooler.dense"] == "int4"  # it cannot change the pooled embeddings
     assert ops.count("MatMulNBits") == counts["int4"] - 1

@@ -12,48 +12,27 @@ from typing import Any
 
 import yaml
 
-from deepshrink.compress.distill import Distill
-from deepshrink.compress.lowrank import Decompose
-from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune
-from deepshrink.compress.quant.config import PTQ, QAT, MixedPrecision
-from deepshrink.compress.share import HashShare, KMeansShare
-from deepshrink.compress.structure.separable import Separable
+# Importing a family registers its methods; the recipe's step kinds are whatever registered.
+import deepshrink.compress.distill
+import deepshrink.compress.lowrank
+import deepshrink.compress.prune
+import deepshrink.compress.quant
+import deepshrink.compress.share
+import deepshrink.compress.structure
+import deepshrink.encode.step
+import deepshrink.pipeline.steps
+import deepshrink.transformers  # noqa: F401  (does not import the transformers library)
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
-from deepshrink.pipeline.steps import Export, Finetune, Student
+from deepshrink.core.methods import registrations, step_types
 
 SCHEMA_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
-
-@dataclass(frozen=True)
-class Pack(Config):
-    """Write the model as an entropy-coded .dsz archive (and ONNX of the decoded model)."""
-
-    onnx: bool = True
-
-
-STEP_TYPES: dict[str, type[Config]] = {
-    "prune": MagnitudePrune,
-    "channel_prune": ChannelPrune,
-    "nm_prune": NMPrune,
-    "lottery": LotteryTicket,
-    "share": KMeansShare,
-    "hash_share": HashShare,
-    "quantize": PTQ,
-    "qat": QAT,
-    "mixed_precision": MixedPrecision,
-    "distill": Distill,
-    "decompose": Decompose,
-    "separable": Separable,
-    "student": Student,
-    "finetune": Finetune,
-    "pack": Pack,
-    "export": Export,
-}
-QUANTIZING = {"quantize", "qat", "mixed_precision"}  # after these only pack and export make sense
-FINAL = {"pack", "export"}  # write the final files: nothing may follow them
-TRAINING = {"distill", "finetune"}  # what an untrained student step needs next
+STEP_TYPES: dict[str, type[Config]] = step_types()  # every registered method is a recipe step
+QUANTIZING = {r.step for r in registrations() if r.quantizes}  # after these only output steps make sense
+FINAL = {r.step for r in registrations() if r.output}  # write the final files: nothing may follow them
+TRAINING = {r.step for r in registrations() if r.trains}  # what an untrained student step needs next
 TOP_KEYS = {"name", "version", "description", "seed", "steps"}
 
 

@@ -12,28 +12,28 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
 from torch import nn
 
-from deepshrink.compress.quant.modules import quant_layers
-from deepshrink.compress.quant.storage import load_quantized_model, save_quantized_model
-from deepshrink.core.config import Scope
+from deepshrink.compress.quant.dynamic import dynamic_quant_layers, quantized_bytes
+from deepshrink.compress.quant.modules import fake_quant_layers
+from deepshrink.compress.quant.storage import save_quantized_model
+from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import DeepShrinkError, InputError
-from deepshrink.core.methods import Context, apply_method
+from deepshrink.core.methods import Context, apply_method, registration, write_output
 from deepshrink.data.datasets import DataBundle
-from deepshrink.encode.pack import pack, pack_verified
-from deepshrink.evaluate.accuracy import evaluate_accuracy, ort_top1
+from deepshrink.encode.pack import pack
+from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.evaluate.environment import environment
-from deepshrink.export.onnx import export_onnx, ort_session, verify_onnx, write_atomic
-from deepshrink.export.qdq import export_quantized_onnx
+from deepshrink.export.onnx import write_atomic
 from deepshrink.models import resolve_model
 from deepshrink.models.weights import save_weights
-from deepshrink.pipeline.recipe import Pack, Recipe
-from deepshrink.pipeline.steps import Export, Student, checkpoint_metadata, restore_step, student_name
+from deepshrink.pipeline.recipe import Recipe
+from deepshrink.pipeline.steps import Export, checkpoint_metadata, restore_step
 from deepshrink.report import write_html_report
 from deepshrink.report.tables import Column, markdown_table
 
@@ -101,7 +101,7 @@ STAGE_LABELS = {"prune": "pruned", "share": "k-means shared"}
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return bool(quant_layers(model))
+    return bool(fake_quant_layers(model))
 
 
 def stored_bytes(model: nn.Module) -> float:
@@ -110,12 +110,16 @@ def stored_bytes(model: nn.Module) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         if is_quantized(model):
             return save_quantized_model(model, Path(tmp) / "stage.safetensors")
+        if dynamic_quant_layers(model):  # dynamic int8: the codes at one byte each, as the ONNX file stores them
+            return quantized_bytes(model)
         return pack(model, Path(tmp) / "stage.dsz").fixed_width_bytes
 
 
 def weight_count(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters), quantizer steps left out."""
     tensors = [p for name, p in model.named_parameters() if not name.endswith(".scale")]
+    for layer in dynamic_quant_layers(model).values():  # dynamic int8 layers hold their weights as buffers
+        tensors += [t for t in (layer.qweight, getattr(layer, "bias", None)) if t is not None]
     return sum(p.numel() for p in tensors), sum(int(torch.count_nonzero(p)) for p in tensors)
 
 
@@ -169,9 +173,8 @@ def check_preconditions(recipe: Recipe, ctx: Context) -> None:
     """What a step names outside the recipe (a teacher, a student) must exist before a folder is made."""
     for i, (kind, cfg) in enumerate(recipe.steps):
         try:
-            if isinstance(cfg, Student):
-                student_name(cfg, ctx)
-            elif getattr(cfg, "teacher", None) is not None:
+            registration(cfg).check_context(cfg, ctx)
+            if getattr(cfg, "teacher", None) is not None:
                 resolve_model(cfg.teacher)
         except DeepShrinkError as exc:
             raise InputError(f"steps[{i}].{kind}: {exc}") from None
@@ -180,12 +183,12 @@ def check_preconditions(recipe: Recipe, ctx: Context) -> None:
 def _run_steps(model: nn.Module, recipe: Recipe, data: DataBundle, out_dir: Path, architecture: dict | None, ctx: Context) -> RunResult:
     result = RunResult(out_dir)
     result.rows.append(_stage_row("original fp32", model, data, 0.0))
+    ctx = replace(ctx, out_dir=out_dir, architecture=architecture)
+    wrote_files = False
     for i, (kind, cfg) in enumerate(recipe.steps):
-        if isinstance(cfg, Pack):
-            _pack_stage(model, data, out_dir, architecture, cfg, result)
-            continue
-        if isinstance(cfg, Export):
-            _export_stage(model, data, out_dir, cfg, result)
+        if registration(cfg).output:  # writes the final files; the model stays as it is
+            _output_stage(model, cfg, ctx, result)
+            wrote_files = True
             continue
         checkpoint = out_dir / f"step{i + 1}_{kind}.safetensors"
         torch.manual_seed(recipe.seed + i)
@@ -194,58 +197,31 @@ def _run_steps(model: nn.Module, recipe: Recipe, data: DataBundle, out_dir: Path
             model = restore_step(model, cfg, ctx, checkpoint)
         else:
             model = apply_method(model, cfg, ctx)
-            save_weights(model, checkpoint, checkpoint_metadata(model))
+            save_weights(model, checkpoint, checkpoint_metadata(model, cfg))
         result.rows.append(_stage_row(STAGE_LABELS.get(kind, kind), model, data, time.perf_counter() - start))
         result.last_checkpoint = checkpoint
     result.model = model
     if result.archive_path is None:  # no step changed the model: store it as it is
         result.last_checkpoint = save_weights(model, out_dir / "model.safetensors")
-    opted_out = any(isinstance(cfg, Pack) and not cfg.onnx for _, cfg in recipe.steps)
-    if result.onnx_path is None and not opted_out:  # a run ends with an ONNX file of its final model
-        _export_stage(model, data, out_dir, Export(), result)
+    if not wrote_files:  # a run ends with an ONNX file of its final model (``pack: {onnx: false}`` opts out)
+        _output_stage(model, Export(), ctx, result)
     _write_reports(result, recipe)
     return result
 
 
-def _pack_stage(model: nn.Module, data: DataBundle, out_dir: Path, architecture: dict | None, cfg: Pack, result: RunResult) -> None:
-    if is_quantized(model):
-        _pack_quantized(model, data, out_dir, cfg, result)
-        return
+def _output_stage(model: nn.Module, cfg: Config, ctx: Context, result: RunResult) -> None:
+    """Run an output step; an archive's decoded model is measured as a stage, and gets its ONNX file when asked."""
     start = time.perf_counter()
-    report, decoded = pack_verified(model, out_dir / "model.dsz", architecture)
-    result.dsz_path = report.path
-    seconds = time.perf_counter() - start
-    result.rows.append(_stage_row("entropy coded .dsz", decoded, data, seconds, dsz_bytes=report.file_bytes))
-    _write_json(
-        out_dir / "dsz_streams.json",
-        {"file_bytes": report.file_bytes, "tensors": [{**asdict(t), "bits_per_weight": t.bits_per_weight} for t in report.tensors]},
-    )
-    if cfg.onnx:
-        _export_stage(decoded, data, out_dir, Export(), result)
-
-
-def _pack_quantized(model: nn.Module, data: DataBundle, out_dir: Path, cfg: Pack, result: RunResult) -> None:
-    """A quantized model's archive is its bit-packed integer weights (safetensors, no pickle)."""
-    start = time.perf_counter()
-    path = out_dir / "model.qpack.safetensors"
-    file_bytes = save_quantized_model(model, path)
-    restored = load_quantized_model(copy.deepcopy(model), path)
-    result.dsz_path = path
-    result.rows.append(_stage_row("bit-packed integers", restored, data, time.perf_counter() - start, dsz_bytes=file_bytes))
-    if cfg.onnx:
-        _export_stage(restored, data, out_dir, Export(), result)
-
-
-def _export_stage(model: nn.Module, data: DataBundle, out_dir: Path, cfg: Export, result: RunResult) -> None:
-    """model.onnx of the final model, checked in ONNX Runtime against PyTorch (and its Top-1 there)."""
-    shape = tuple(data.test.images.shape[1:])
-    if is_quantized(model):
-        result.onnx_path = export_quantized_onnx(model, out_dir / "model.onnx", shape)
-    else:
-        result.onnx_path = export_onnx(model, out_dir / "model.onnx", shape)
-    session = ort_session(result.onnx_path)
-    result.onnx_max_abs_diff = verify_onnx(model, session, data.test.images[: cfg.check_images])
-    result.onnx_top1 = ort_top1(session, data.test)
+    written = write_output(model, cfg, ctx)
+    if written.model is not None:
+        seconds = time.perf_counter() - start
+        result.rows.append(_stage_row(written.label, written.model, ctx.data, seconds, dsz_bytes=written.file_bytes))
+    result.dsz_path = written.files.get("archive", result.dsz_path)
+    result.onnx_path = written.files.get("onnx", result.onnx_path)
+    result.onnx_max_abs_diff = written.checks.get("onnx_max_abs_diff", result.onnx_max_abs_diff)
+    result.onnx_top1 = written.checks.get("onnx_top1", result.onnx_top1)
+    if written.export:
+        _output_stage(written.model, Export(), ctx, result)
 
 
 def _write_reports(result: RunResult, recipe: Recipe) -> None:

@@ -6,30 +6,30 @@ any step's result from its checkpoint.
 model, keeping pruned weights at zero; ``export`` writes the final ONNX.
 
 Restoring: a checkpoint holds a state dict, so resuming needs a model of the
-right structure to load it into. Most steps keep the structure (or only drop
-channels, which ``load_weights(resize=True)`` rebuilds); steps that change it
-rebuild it from the model before the step, cheaply and deterministically.
+right structure to load it into. Each registration knows how to rebuild the
+structure its step gives a model (``Method.structure_after``), from the model
+before the step and the metadata the step saved with its checkpoint.
 """
 
-import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from deepshrink.compress.lowrank.decompose import Decompose, decompose_model
 from deepshrink.compress.prune.masks import MaskHook, zero_masks
-from deepshrink.compress.quant.config import PTQ, QAT, MixedPrecision
-from deepshrink.compress.quant.ptq import calibration_batches
-from deepshrink.compress.quant.qat import prepare_qat
-from deepshrink.compress.structure.separable import Separable, substitute_separable
+from deepshrink.compress.prune.regularizers import Regularize
+from deepshrink.compress.quant.dynamic import dynamic_quant_layers
+from deepshrink.compress.quant.modules import fake_quant_layers
+from deepshrink.compress.quant.onnx_dynamic import dynamic_onnx_bytes
+from deepshrink.compress.quant.onnx_qdq import quantized_onnx_bytes
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, apply_method, register
+from deepshrink.core.files import write_atomic
+from deepshrink.core.methods import Context, Written, method, registration
+from deepshrink.evaluate.accuracy import ort_top1
+from deepshrink.export.onnx import onnx_bytes, ort_session, verify_onnx
 from deepshrink.models.weights import load_weights
 from deepshrink.train import TrainConfig, Trainer
-
-LAYER_BITS_KEY = "layer_bits"  # safetensors metadata of a mixed-precision checkpoint
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,12 @@ class Student(Config):
 
 @dataclass(frozen=True)
 class Finetune(Config):
-    """Train the current model with labels; weights that are exactly zero stay zero."""
+    """Train the current model with labels; weights that are exactly zero stay zero.
+    ``regularize`` adds a sparsity penalty (L1, group lasso, BN-scale L1) that drives
+    what a following prune step removes towards zero first."""
 
     train: TrainConfig = TrainConfig(epochs=2, lr=0.01, schedule="cosine", weight_decay=0.0)
+    regularize: Regularize | None = None
 
 
 @dataclass(frozen=True)
@@ -71,63 +74,69 @@ def student_name(cfg: Student, ctx: Context) -> str:
     return STUDENTS[ctx.model_name]
 
 
-@register(Student)
-def _apply_student(model: nn.Module, cfg: Student, ctx: Context) -> nn.Module:
-    from deepshrink.models import create_model
+@method("student", Student)
+class StudentMethod:
+    def torch(self, model: nn.Module, cfg: Student, ctx: Context) -> nn.Module:
+        from deepshrink.models import create_model
 
-    return create_model(student_name(cfg, ctx))
+        return create_model(student_name(cfg, ctx))
 
+    def restore(self, model: nn.Module, cfg: Student, ctx: Context, saved: dict) -> nn.Module:
+        return self.torch(model, cfg, ctx)
 
-@register(Finetune)
-def _apply_finetune(model: nn.Module, cfg: Finetune, ctx: Context) -> nn.Module:
-    if ctx.data is None:
-        raise InputError("finetune needs data: pass data= (a DataBundle)")
-    hook = MaskHook(model, zero_masks(model))
-    Trainer(model, cfg.train, ctx.data.train, ctx.data.val, hooks=[hook], progress=ctx.progress).fit()
-    return hook.finalize()
+    def check(self, cfg: Student, ctx: Context) -> None:
+        student_name(cfg, ctx)
 
 
-@register(Export)
-def _apply_export(model: nn.Module, cfg: Export, ctx: Context) -> nn.Module:
-    return model  # the runner writes the files: an export changes no weights
+@method("finetune", Finetune, needs=("data",), trains=True)
+class FinetuneMethod:
+    def torch(self, model: nn.Module, cfg: Finetune, ctx: Context) -> nn.Module:
+        hook = MaskHook(model, zero_masks(model))
+        hooks = [hook] if cfg.regularize is None else [hook, cfg.regularize.hook(model)]
+        Trainer(model, cfg.train, ctx.data.train, ctx.data.val, hooks=hooks, progress=ctx.progress).fit()
+        return hook.finalize()
 
 
-def structure_after(model: nn.Module, cfg: Config, ctx: Context, checkpoint: Path) -> nn.Module:
-    """A model with the structure ``cfg`` gives ``model``, ready to load the step's checkpoint."""
-    if isinstance(cfg, PTQ):
-        return apply_method(model, cfg, ctx)  # calibration only: cheap and deterministic
-    if isinstance(cfg, QAT):
-        return prepare_qat(copy.deepcopy(model), cfg, calibration_batches(ctx, cfg.calib_samples, ctx.calib))
-    if isinstance(cfg, MixedPrecision):
-        plan = _layer_bits(checkpoint)
-        qat_cfg = replace(cfg.qat, layer_bits=plan, keep_first_last=False)
-        return prepare_qat(copy.deepcopy(model), qat_cfg, calibration_batches(ctx, qat_cfg.calib_samples, ctx.calib))
-    if isinstance(cfg, Decompose):
-        return decompose_model(copy.deepcopy(model), cfg)[0]
-    if isinstance(cfg, Separable):
-        return substitute_separable(copy.deepcopy(model), cfg)[0]
-    if isinstance(cfg, Student):
-        return _apply_student(model, cfg, ctx)
-    return copy.deepcopy(model)
+@method("export", Export, needs=("data", "out_dir"), output=True)
+class ExportMethod:
+    """Writes ``model.onnx`` of the model (QDQ for a fake-quant model, integer ops for a
+    dynamically quantized one), checked in ONNX Runtime against PyTorch, with its Top-1 there."""
+
+    def torch(self, model: nn.Module, cfg: Export, ctx: Context) -> Written:
+        path = write_atomic(ctx.out_dir / "model.onnx", model_onnx_bytes(model, tuple(ctx.data.test.images.shape[1:])))
+        session = ort_session(path)
+        checks = {
+            "onnx_max_abs_diff": verify_onnx(model, session, ctx.data.test.images[: cfg.check_images]),
+            "onnx_top1": ort_top1(session, ctx.data.test),
+        }
+        return Written({"onnx": path}, checks=checks)
+
+
+def model_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """ONNX of any model a recipe leaves: float, fake-quant (QDQ) or dynamically quantized."""
+    if fake_quant_layers(model):
+        return quantized_onnx_bytes(model, input_shape)
+    if dynamic_quant_layers(model):
+        return dynamic_onnx_bytes(model, input_shape)
+    return onnx_bytes(model, input_shape)
 
 
 def restore_step(model: nn.Module, cfg: Config, ctx: Context, checkpoint: Path) -> nn.Module:
     """The model after a step that finished in an earlier run, from its checkpoint."""
-    restored = structure_after(model, cfg, ctx, checkpoint)
+    try:
+        restored = registration(cfg).structure_after(model, cfg, ctx, _metadata(checkpoint))
+    except InputError as exc:
+        raise InputError(f"{checkpoint}: {exc}") from None
     return load_weights(restored, checkpoint, resize=True)
 
 
-def checkpoint_metadata(model: nn.Module) -> dict[str, str] | None:
-    """What ``structure_after`` needs beyond the config: a mixed-precision model's bit plan."""
-    plan = getattr(model, "bit_plan", None)
-    return {LAYER_BITS_KEY: ",".join(f"{name}={bits}" for name, bits in plan.items())} if plan else None
+def checkpoint_metadata(model: nn.Module, cfg: Config) -> dict[str, str] | None:
+    """What restoring ``cfg``'s step needs beyond the config (a mixed-precision model's bit plan)."""
+    return registration(cfg).checkpoint_metadata(model)
 
 
-def _layer_bits(checkpoint: Path) -> dict[str, int]:
+def _metadata(checkpoint: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(checkpoint), "pt") as handle:
-        text = (handle.metadata() or {}).get(LAYER_BITS_KEY)
-    if not text:
-        raise InputError(f"{checkpoint}: mixed-precision checkpoint without its bit plan; delete it to re-run the step")
-    return {name: int(bits) for name, bits in (item.split("=") for item in text.split(","))}
+        return dict(handle.metadata() or {})

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from deepshrink.compress.quant.blockwise4 import Blockwise4, blockwise4_targets, quantize_layers_4bit
-from deepshrink.compress.quant.dynamic import DynamicQuantLinear, set_module
+from deepshrink.compress.quant.dynamic import DynamicQuantLinear
+from deepshrink.core.modules import replace_module
+from deepshrink.evaluate.fidelity import Fidelity, fidelity
 from deepshrink.transformers.fallback import MEAN_TARGET, MIN_TARGET, _damage
-from deepshrink.transformers.fidelity import Fidelity, cosine_fidelity, pooled_embeddings
+from deepshrink.transformers.fidelity import pooled_embeddings
 from deepshrink.transformers.load import Batch, check_batches
 from deepshrink.transformers.serving import serving_int4
 
@@ -60,27 +62,27 @@ def quantize_with_ladder(
     reference = pooled_embeddings(model, batches)
 
     def measure(m: nn.Module) -> Fidelity:
-        return cosine_fidelity(reference, pooled_embeddings(m, batches))
+        return fidelity(reference, pooled_embeddings(m, batches), agreement=False)
 
     sensitivity = {}
     for name in names:
         original = model.get_submodule(name)
         quantize_layers_4bit(model, [name], config)
         sensitivity[name] = measure(model)
-        set_module(model, name, original)
+        replace_module(model, name, original)
     order = sorted(names, key=lambda n: _damage(sensitivity[n], mean_target, min_target), reverse=True)
     working = quantize_layers_4bit(copy.deepcopy(model), names, config)
-    first = fidelity = measure(working)
+    first = current = measure(working)
     levels, steps = dict.fromkeys(names, "int4"), []
     for rung in RUNGS[1:]:
         for name in order:
-            if fidelity.meets(mean_target, min_target):
+            if current.meets(mean_target, min_target):
                 break
             original = model.get_submodule(name)
-            set_module(working, name, DynamicQuantLinear.from_linear(original) if rung == "int8" else copy.deepcopy(original))
+            replace_module(working, name, DynamicQuantLinear.from_linear(original) if rung == "int8" else copy.deepcopy(original))
             levels[name] = rung
-            fidelity = measure(working)
-            steps.append((name, rung, fidelity))
+            current = measure(working)
+            steps.append((name, rung, current))
     int8 = tuple(n for n, level in levels.items() if level == "int8")
     fp32 = tuple(n for n, level in levels.items() if level == "fp32")
     final = serving_int4(model, Blockwise4(config.scope, config.block_size, config.symmetric, config.search, config.fallback + int8), fp32)

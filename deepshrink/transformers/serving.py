@@ -20,10 +20,10 @@ from torch import nn
 
 from deepshrink.compress.quant.blockwise4 import Blockwise4, blockwise4_layers, quantize_blockwise4
 from deepshrink.compress.quant.dynamic import DynamicQuant, quantize_dynamic
-from deepshrink.export.half_tables import half_precision_tables, round_to_half
-from deepshrink.export.matmul_nbits import nbits_onnx_from_torch
+from deepshrink.compress.quant.half_tables import half_precision_tables, round_to_half
+from deepshrink.compress.quant.onnx_dynamic import WeightType, cpu_weight_type
+from deepshrink.compress.quant.onnx_nbits import nbits_onnx_from_torch
 from deepshrink.export.onnx import check_exported
-from deepshrink.export.onnx_dynamic import WeightType, cpu_weight_type
 from deepshrink.transformers.export import encoder_dynamic_onnx, encoder_onnx_bytes
 
 

@@ -16,7 +16,7 @@ from deepshrink.compress.distill.hook import KD, KDHook, TeacherCache
 from deepshrink.compress.prune.masks import MaskHook, zero_masks
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig, Trainer, TrainHook, TrainResult
 
 
@@ -99,11 +99,12 @@ def resolve_teacher(name: str | None, ctx: Context) -> nn.Module:
     return copy.deepcopy(teacher)
 
 
-@register(Distill)
-def _apply(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
-    masks = zero_masks(model)  # a pruned student stays pruned
-    hooks = [MaskHook(model, masks)] if masks else []
-    finetune_with_kd(model, cfg.train, ctx.data, resolve_teacher(cfg.teacher, ctx), cfg.kd, hooks=hooks, progress=ctx.progress)
-    for hook in hooks:
-        hook.finalize()
-    return model
+@method("distill", Distill, needs=("data", "teacher?"), trains=True)
+class DistillMethod:
+    def torch(self, model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
+        masks = zero_masks(model)  # a pruned student stays pruned
+        hooks = [MaskHook(model, masks)] if masks else []
+        finetune_with_kd(model, cfg.train, ctx.data, resolve_teacher(cfg.teacher, ctx), cfg.kd, hooks=hooks, progress=ctx.progress)
+        for hook in hooks:
+            hook.finalize()
+        return model

@@ -5,6 +5,7 @@ layers (groups 1). A layer whose factorisation would not cut its MACs is left
 as it is, and says so in the per-layer record.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +36,8 @@ from deepshrink.compress.lowrank.rank import (
 )
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError, NotApplicable
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
+from deepshrink.core.modules import replace_module
 from deepshrink.train import TrainConfig
 
 
@@ -240,14 +242,6 @@ def decompose_model(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[L
     return model, records
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``name`` was; the model itself when it is the layer."""
-    if name == "":
-        return new
-    model.set_submodule(name, new)
-    return model
-
-
 def decompose_required(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[LayerDecomposition]]:
     """decompose_model, refusing a model in which no layer would be factorised (fine-tuning
     it anyway would pass the original off as a decomposed model)."""
@@ -258,6 +252,10 @@ def decompose_required(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, lis
     return model, records
 
 
-@register(Decompose)
-def _apply(model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
-    return restructure_and_finetune(model, lambda m: decompose_required(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+@method("decompose", Decompose, needs=("data?", "teacher?"))
+class DecomposeMethod:
+    def torch(self, model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
+        return restructure_and_finetune(model, lambda m: decompose_required(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+
+    def restore(self, model: nn.Module, cfg: Decompose, ctx: Context, saved: dict) -> nn.Module:
+        return decompose_model(copy.deepcopy(model), cfg)[0]

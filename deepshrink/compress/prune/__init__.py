@@ -5,7 +5,7 @@ from deepshrink.compress.prune.importance import channel_scores
 from deepshrink.compress.prune.lottery import LotteryResult, LotteryTicket, find_ticket, rewind, round_sparsities, surviving_magnitude_masks
 from deepshrink.compress.prune.masks import MaskHook, apply_masks, magnitude_masks, sparsity_of
 from deepshrink.compress.prune.nm import NMPrune, nm_mask, nm_masks, satisfies_nm
-from deepshrink.compress.prune.regularizers import BNScaleL1Regularizer, GroupLassoRegularizer, L1Regularizer
+from deepshrink.compress.prune.regularizers import BNScaleL1Regularizer, GroupLassoRegularizer, L1Regularizer, Regularize
 from deepshrink.compress.prune.schedules import GradualPruningHook, agp_fraction
 from deepshrink.compress.prune.structured import ChannelPrune, prune_channels, remove_blocks, select_channels
 from deepshrink.compress.prune.unstructured import MagnitudePrune
@@ -17,6 +17,7 @@ __all__ = [
     "GradualPruningHook",
     "GroupLassoRegularizer",
     "L1Regularizer",
+    "Regularize",
     "LotteryResult",
     "LotteryTicket",
     "MagnitudePrune",

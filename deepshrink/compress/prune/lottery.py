@@ -22,7 +22,7 @@ from torch import nn
 from deepshrink.compress.prune.masks import MaskHook, Masks, apply_masks, sparsity_of
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.data.datasets import DataBundle
 from deepshrink.train import TrainConfig, Trainer, TrainHook
 
@@ -151,6 +151,7 @@ def find_ticket(model: nn.Module, cfg: LotteryTicket, data: DataBundle | None, p
     return result
 
 
-@register(LotteryTicket)
-def _apply(model: nn.Module, cfg: LotteryTicket, ctx: Context) -> nn.Module:
-    return find_ticket(model, cfg, ctx.data, ctx.progress).model
+@method("lottery", LotteryTicket, needs=("data",))
+class LotteryTicketMethod:
+    def torch(self, model: nn.Module, cfg: LotteryTicket, ctx: Context) -> nn.Module:
+        return find_ticket(model, cfg, ctx.data, ctx.progress).model

@@ -18,7 +18,7 @@ from deepshrink.compress.prune.masks import MaskHook, Masks
 from deepshrink.compress.prune.unstructured import _finetune
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig
 
 
@@ -83,9 +83,10 @@ class NMPrune(Config):
         return 1.0 - self.n / self.m
 
 
-@register(NMPrune)
-def _apply(model: nn.Module, cfg: NMPrune, ctx: Context) -> nn.Module:
-    hook = MaskHook(model, nm_masks(model, cfg.n, cfg.m, cfg.scope))
-    if cfg.finetune is not None:
-        _finetune(model, cfg.finetune, hook, ctx)
-    return hook.finalize()
+@method("nm_prune", NMPrune, needs=("data?",))
+class NMPruneMethod:
+    def torch(self, model: nn.Module, cfg: NMPrune, ctx: Context) -> nn.Module:
+        hook = MaskHook(model, nm_masks(model, cfg.n, cfg.m, cfg.scope))
+        if cfg.finetune is not None:
+            _finetune(model, cfg.finetune, hook, ctx)
+        return hook.finalize()

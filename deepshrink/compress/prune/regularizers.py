@@ -11,13 +11,18 @@ cut costs less accuracy.
   2017); channels whose gamma reaches zero are pruned by ``importance="bn_scale"``.
 
 Each hook adds ``strength * penalty()`` to the training loss; ``penalty()`` is
-exposed unscaled for logging and tests.
+exposed unscaled for logging and tests. ``Regularize`` is the config a recipe
+step names (``finetune: {regularize: {kind: bn_scale, strength: 1e-4}}``); its
+``hook(model)`` builds the hook.
 """
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from deepshrink.core.config import Scope
+from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.train import TrainHook
 
@@ -73,3 +78,24 @@ class BNScaleL1Regularizer(_Regularizer):
 
     def penalty(self) -> torch.Tensor:
         return sum(g.abs().sum() for g in self.params)
+
+
+@dataclass(frozen=True)
+class Regularize(Config):
+    """A sparsity regulariser for training: ``l1`` (weights), ``group_lasso`` (output
+    channels) or ``bn_scale`` (BatchNorm gammas; ``scope`` does not apply)."""
+
+    kind: Literal["l1", "group_lasso", "bn_scale"] = "l1"
+    strength: float = 1e-4
+    scope: Scope = Scope()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("l1", "group_lasso", "bn_scale"):
+            raise InputError(f"kind: {self.kind!r} is not one of ['l1', 'group_lasso', 'bn_scale']")
+        if not self.strength >= 0:
+            raise InputError(f"strength must be >= 0, got {self.strength}")
+
+    def hook(self, model: nn.Module) -> TrainHook:
+        if self.kind == "bn_scale":
+            return BNScaleL1Regularizer(model, self.strength)
+        return {"l1": L1Regularizer, "group_lasso": GroupLassoRegularizer}[self.kind](model, self.strength, self.scope)

@@ -9,7 +9,7 @@ from deepshrink.compress.prune.masks import MaskHook, magnitude_masks
 from deepshrink.compress.prune.schedules import GradualPruningHook
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig, Trainer
 
 
@@ -57,18 +57,19 @@ def _finetune(model: nn.Module, config: TrainConfig, hook: MaskHook, ctx: Contex
     Trainer(model, config, ctx.data.train, ctx.data.val, hooks=[hook], progress=ctx.progress).fit()
 
 
-@register(MagnitudePrune)
-def _apply(model: nn.Module, cfg: MagnitudePrune, ctx: Context) -> nn.Module:
-    if cfg.schedule == "agp":
-        steps = cfg.finetune.epochs * -(-len(ctx.data.train) // cfg.finetune.batch_size) if ctx.data else 0
-        end = int(cfg.agp_fraction * steps)
-        hook = GradualPruningHook(model, lambda f: cfg.masks_at(model, f), start=0, end=end, frequency=max(1, end // 50))
-        _finetune(model, cfg.finetune, hook, ctx)
-        return hook.finalize()
-    rounds = cfg.iterations if cfg.schedule == "iterative" else 1
-    for i in range(1, rounds + 1):
-        hook = MaskHook(model, cfg.masks_at(model, i / rounds))
-        if cfg.finetune is not None:
-            _finetune(model, replace(cfg.finetune, seed=cfg.finetune.seed + i - 1), hook, ctx)
-        hook.finalize()
-    return model
+@method("prune", MagnitudePrune, needs=("data?",))
+class MagnitudePruneMethod:
+    def torch(self, model: nn.Module, cfg: MagnitudePrune, ctx: Context) -> nn.Module:
+        if cfg.schedule == "agp":
+            steps = cfg.finetune.epochs * -(-len(ctx.data.train) // cfg.finetune.batch_size) if ctx.data else 0
+            end = int(cfg.agp_fraction * steps)
+            hook = GradualPruningHook(model, lambda f: cfg.masks_at(model, f), start=0, end=end, frequency=max(1, end // 50))
+            _finetune(model, cfg.finetune, hook, ctx)
+            return hook.finalize()
+        rounds = cfg.iterations if cfg.schedule == "iterative" else 1
+        for i in range(1, rounds + 1):
+            hook = MaskHook(model, cfg.masks_at(model, i / rounds))
+            if cfg.finetune is not None:
+                _finetune(model, replace(cfg.finetune, seed=cfg.finetune.seed + i - 1), hook, ctx)
+            hook.finalize()
+        return model

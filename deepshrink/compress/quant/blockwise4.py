@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
+from deepshrink.core.modules import replace_module
 
 BLOCK_SIZES = (32, 64, 128)
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -119,14 +120,12 @@ def blockwise4_targets(model: nn.Module, cfg: Blockwise4) -> list[str]:
 
 def quantize_layers_4bit(model: nn.Module, names: list[str], cfg: Blockwise4) -> nn.Module:
     """Swap the named Linear layers (in place) for their 4-bit versions."""
-    from deepshrink.compress.quant.dynamic import set_module
-
     for name in names:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear) or isinstance(linear, Blockwise4Linear):
             raise InputError(f"layer {name!r} is a {type(linear).__name__}; 4-bit weights take a float nn.Linear")
         blocks = quantize_blocks(linear.weight, cfg.block_size, cfg.symmetric, cfg.search)
-        set_module(model, name, Blockwise4Linear(linear, blocks, cfg.block_size, cfg.symmetric))
+        replace_module(model, name, Blockwise4Linear(linear, blocks, cfg.block_size, cfg.symmetric))
     return model
 
 

@@ -13,6 +13,7 @@ Bits are then allocated by an exact multiple-choice knapsack: minimise the summe
 sensitivity subject to the weight bits fitting the budget.
 """
 
+import copy
 import math
 import tempfile
 from dataclasses import replace
@@ -22,17 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.compress.quant.calibration import weight_spec
 from deepshrink.compress.quant.config import MixedPrecision, resolve_reduce_range
-from deepshrink.compress.quant.modules import quant_layers
-from deepshrink.compress.quant.prepare import calibrate, prepare, weight_spec
+from deepshrink.compress.quant.modules import fake_quant_layers
+from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.compress.quant.ptq import calibration_batches
 from deepshrink.compress.quant.qat import prepare_qat, qat
 from deepshrink.compress.quant.storage import save_quantized_model
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.data.datasets import ImageSet, iterate_batches
 from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.evaluate.size import fp32_param_bytes
+
+LAYER_BITS_KEY = "layer_bits"  # checkpoint metadata of a mixed-precision step: its bit plan
 
 MAX_BUDGET_PASSES = 4  # re-plans after packing for real; the file overhead is nearly constant, so 1-2 suffice
 MAX_DP_CELLS = 1 << 22  # exact for weight budgets up to 4 Mbit (resnet20 at 1/6 of fp32: 1.4 Mbit)
@@ -43,7 +47,7 @@ FISHER_BATCH = 32  # small batches: the squared batch gradient then approximates
 
 def fisher_diagonal(qmodel: nn.Module, val: ImageSet) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the validation loss w.r.t. each quantized layer's weight."""
-    layers = dict(quant_layers(qmodel))
+    layers = dict(fake_quant_layers(qmodel))
     weights = [layer.weight for layer in layers.values()]
     totals = [torch.zeros_like(w) for w in weights]
     batches = 0
@@ -82,7 +86,7 @@ def bit_sensitivity(
             return max(0.0, evaluate_accuracy(qmodel, val).loss - base)
 
     result: dict[str, dict[int, float]] = {}
-    for name, layer in quant_layers(qmodel):
+    for name, layer in fake_quant_layers(qmodel):
         quant = layer.weight_quant
         saved = (quant.spec, quant.scale.detach().clone())
         result[name] = {}
@@ -184,14 +188,28 @@ def plan_bits(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> tuple[dict
     raise InputError(f"no bit plan packs into {cfg.size_fraction:.4f} of the fp32 size ({target_bytes:,.0f} bytes)")
 
 
-@register(MixedPrecision)
-def _apply_mixed(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.Module:
-    plan, sensitivity = plan_bits(model, cfg, ctx)
-    planned = replace(cfg.qat, layer_bits=plan, keep_first_last=False)
-    if cfg.train:
-        qmodel = qat(model, planned, ctx)
-    else:
-        qmodel = prepare_qat(model, planned, calibration_batches(ctx, planned.calib_samples, ctx.calib)).eval()
-    qmodel.bit_plan = plan
-    qmodel.bit_sensitivity = sensitivity
-    return qmodel
+@method("mixed_precision", MixedPrecision, needs=("data", "calib?"), quantizes=True)
+class MixedPrecisionMethod:
+    def torch(self, model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.Module:
+        plan, sensitivity = plan_bits(model, cfg, ctx)
+        planned = replace(cfg.qat, layer_bits=plan, keep_first_last=False)
+        if cfg.train:
+            qmodel = qat(model, planned, ctx)
+        else:
+            qmodel = prepare_qat(model, planned, calibration_batches(ctx, planned.calib_samples, ctx.calib)).eval()
+        qmodel.bit_plan = plan
+        qmodel.bit_sensitivity = sensitivity
+        return qmodel
+
+    def saved(self, model: nn.Module) -> dict[str, str] | None:
+        """The bit plan, which depends on data the resumed run should not re-measure."""
+        plan = getattr(model, "bit_plan", None)
+        return {LAYER_BITS_KEY: ",".join(f"{name}={bits}" for name, bits in plan.items())} if plan else None
+
+    def restore(self, model: nn.Module, cfg: MixedPrecision, ctx: Context, saved: dict[str, str]) -> nn.Module:
+        text = saved.get(LAYER_BITS_KEY)
+        if not text:
+            raise InputError("mixed-precision checkpoint without its bit plan; delete it to re-run the step")
+        plan = {name: int(bits) for name, bits in (item.split("=") for item in text.split(","))}
+        qat_cfg = replace(cfg.qat, layer_bits=plan, keep_first_last=False)
+        return prepare_qat(copy.deepcopy(model), qat_cfg, calibration_batches(ctx, qat_cfg.calib_samples, ctx.calib))

@@ -2,6 +2,8 @@
 train through the quantizers with straight-through gradients (LSQ learns the
 step sizes too), in the shared Trainer."""
 
+import copy
+
 from torch import nn
 
 from deepshrink.compress.quant.config import QAT, resolve_reduce_range
@@ -9,7 +11,7 @@ from deepshrink.compress.quant.modules import act_quantizers
 from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.compress.quant.ptq import calibration_batches
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import Trainer, TrainHook
 
 MODULE_QUANTIZER = {"lsq": "lsq", "ste": "fixed", "binary": "binary", "ternary": "ternary"}
@@ -53,6 +55,10 @@ def qat(model: nn.Module, cfg: QAT, ctx: Context, hooks: list[TrainHook] | None 
     return qmodel.eval()
 
 
-@register(QAT)
-def _apply_qat(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
-    return qat(model, cfg, ctx)
+@method("qat", QAT, needs=("data", "calib?"), quantizes=True)
+class QATMethod:
+    def torch(self, model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
+        return qat(model, cfg, ctx)
+
+    def restore(self, model: nn.Module, cfg: QAT, ctx: Context, saved: dict) -> nn.Module:
+        return prepare_qat(copy.deepcopy(model), cfg, calibration_batches(ctx, cfg.calib_samples, ctx.calib))

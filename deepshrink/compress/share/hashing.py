@@ -16,7 +16,7 @@ from torch import nn
 
 from deepshrink.compress.share.shared import finetune_tied, tie
 from deepshrink.core.config import Config, Scope, check_range
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -66,7 +66,8 @@ def hash_tie(model: nn.Module, cfg: HashShare) -> dict[str, int]:
     return counts
 
 
-@register(HashShare)
-def _apply(model: nn.Module, cfg: HashShare, ctx: Context) -> nn.Module:
-    hash_tie(model, cfg)
-    return finetune_tied(model, cfg.finetune, ctx)
+@method("hash_share", HashShare, needs=("data?",))
+class HashShareMethod:
+    def torch(self, model: nn.Module, cfg: HashShare, ctx: Context) -> nn.Module:
+        hash_tie(model, cfg)
+        return finetune_tied(model, cfg.finetune, ctx)

@@ -10,7 +10,7 @@ from deepshrink.compress.share.kmeans import kmeans_1d
 from deepshrink.compress.share.shared import finetune_tied, tie
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig
 
 
@@ -55,7 +55,8 @@ def tie_to_codebooks(model: nn.Module, cfg: KMeansShare) -> dict[str, int]:
     return sizes
 
 
-@register(KMeansShare)
-def _apply(model: nn.Module, cfg: KMeansShare, ctx: Context) -> nn.Module:
-    tie_to_codebooks(model, cfg)
-    return finetune_tied(model, cfg.finetune, ctx)
+@method("share", KMeansShare, needs=("data?",))
+class KMeansShareMethod:
+    def torch(self, model: nn.Module, cfg: KMeansShare, ctx: Context) -> nn.Module:
+        tie_to_codebooks(model, cfg)
+        return finetune_tied(model, cfg.finetune, ctx)

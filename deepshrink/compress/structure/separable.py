@@ -7,6 +7,7 @@ pointwise weights. A conv that is separable by construction is reproduced
 exactly; otherwise fine-tuning (or distillation) closes the gap.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from deepshrink.compress.distill import KD, restructure_and_finetune
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
-from deepshrink.core.methods import Context, register
+from deepshrink.core.methods import Context, method
 from deepshrink.train import TrainConfig
 
 
@@ -100,6 +101,10 @@ def substitute_separable(model: nn.Module, cfg: Separable) -> tuple[nn.Module, d
     return model, errors
 
 
-@register(Separable)
-def _apply(model: nn.Module, cfg: Separable, ctx: Context) -> nn.Module:
-    return restructure_and_finetune(model, lambda m: substitute_separable(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+@method("separable", Separable, needs=("data?", "teacher?"))
+class SeparableMethod:
+    def torch(self, model: nn.Module, cfg: Separable, ctx: Context) -> nn.Module:
+        return restructure_and_finetune(model, lambda m: substitute_separable(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+
+    def restore(self, model: nn.Module, cfg: Separable, ctx: Context, saved: dict) -> nn.Module:
+        return substitute_separable(copy.deepcopy(model), cfg)[0]

@@ -18,11 +18,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from deepshrink.compress.quant.blockwise4 import Blocks4, Blockwise4Linear, blockwise4_layers
-from deepshrink.compress.quant.dynamic import quantized_layers
+from deepshrink.compress.quant.dynamic import dynamic_quant_layers
+from deepshrink.compress.quant.onnx_dynamic import WeightType, dynamic_onnx_from_torch
 from deepshrink.core.errors import InputError
 from deepshrink.export.names import NameGen
 from deepshrink.export.onnx import check_exported
-from deepshrink.export.onnx_dynamic import WeightType, dynamic_onnx_from_torch
 
 MS_DOMAIN = "com.microsoft"
 
@@ -129,7 +129,7 @@ def nbits_onnx_from_torch(model: nn.Module, export: Callable[[nn.Module], bytes]
     """Export a model with 4-bit layers (and optionally dynamic int8 ones): ``export`` writes the float proxy."""
     if not blockwise4_layers(model):
         raise InputError("the model has no 4-bit layers; apply Blockwise4 first")
-    raw = dynamic_onnx_from_torch(model, export, weight_type) if quantized_layers(model) else export(model)
+    raw = dynamic_onnx_from_torch(model, export, weight_type) if dynamic_quant_layers(model) else export(model)
     proto = onnx.load_from_string(raw)
     rewrite_matmul_nbits(proto, model)
     check_exported(proto, "4-bit ONNX")
