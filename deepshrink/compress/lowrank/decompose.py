@@ -9,6 +9,9 @@ one. The per-layer record says which and why.
 """
 
 import copy
+import functools
+import statistics
+import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -40,12 +43,11 @@ from deepshrink.compress.lowrank.rank import (
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError, NotApplicable
 from deepshrink.core.methods import Context, method
-from deepshrink.evaluate.latency import ort_latency_interleaved
-from deepshrink.export.onnx import onnx_bytes, ort_session
+from deepshrink.export.onnx import onnx_bytes, ort_session, run_ort
 from deepshrink.train import TrainConfig
 
 LATENCY_MARGIN = 0.95  # a factorised layer must save 5% of the layer's time: less is timing noise, paid for in accuracy
-LATENCY_REPEATS = 10  # runs per session and round of the per-layer timing (3 interleaved rounds, medians)
+LATENCY_PAIRS = 30  # alternating (original, factorised) runs per layer timing, after 3 warm-up pairs
 DECOMPOSED_KEY = "decomposed_layers"  # checkpoint metadata: the layers the latency check kept factorised
 
 
@@ -274,10 +276,24 @@ def layer_input_shapes(model: nn.Module, names: list[str], input_shape: tuple[in
 
 
 def layer_latency(original: nn.Module, factorised: nn.Module, shape: tuple[int, ...], batch: int) -> tuple[float, float]:
-    """Median ONNX Runtime ms of each layer alone on a ``batch`` of ``shape`` inputs, timed in alternation."""
-    sessions = {key: ort_session(onnx_bytes(layer.eval(), shape)) for key, layer in (("original", original), ("factorised", factorised))}
-    times = ort_latency_interleaved(sessions, shape, batch, LATENCY_REPEATS, rounds=3)
-    return times["original"][0], times["factorised"][0]
+    """ONNX Runtime ms of each layer alone on a ``batch`` of ``shape`` inputs: the original's median,
+    and that times the median ratio of back-to-back runs. On a shared machine two consecutive runs
+    see the same load, so their ratio holds where two separately taken medians do not."""
+    runs = [
+        functools.partial(run_ort, ort_session(onnx_bytes(layer.eval(), shape)), torch.randn(batch, *shape))
+        for layer in (original, factorised)
+    ]
+    times = []
+    for i in range(LATENCY_PAIRS + 3):
+        pair = []
+        for run in runs:
+            start = time.perf_counter()
+            run()
+            pair.append((time.perf_counter() - start) * 1000.0)
+        if i >= 3:
+            times.append(pair)
+    before = statistics.median(t[0] for t in times)
+    return before, before * statistics.median(t[1] / t[0] for t in times)
 
 
 def latency_gate(record: LayerDecomposition, before_ms: float, after_ms: float) -> LayerDecomposition:
