@@ -31,6 +31,23 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch/ORT intra-op threads (default: torch's)")
 
 
+# Commands that train or calibrate: each takes --device and, under torchrun, --dist-backend.
+DEVICE_COMMANDS = ("train", "compress", "prune", "distill", "decompose", "quantize", "auto", "transformer", "study")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    from deepshrink.distributed import BACKENDS, DEVICE_NAMES
+
+    p.add_argument(
+        "--device",
+        default=None,
+        help=f"where training, calibration and validation run: {DEVICE_NAMES} (default: each config's, auto = CUDA when available); files written never depend on it",
+    )
+    p.add_argument(
+        "--dist-backend", default="auto", choices=BACKENDS, help="under torchrun: gloo (CPU) or nccl (GPUs); auto picks by device"
+    )
+
+
 def _load_data(args, **kwargs):
     from deepshrink.data import load_data
 
@@ -87,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo name, module:function, or an .onnx file (compressed without PyTorch source)")
     p.add_argument("--npz", default=None, help="ONNX input: calibration/evaluation inputs (one array per graph input, optional labels y)")
     p.add_argument("--eval-npz", default=None, help="ONNX input: a separate .npz to evaluate on (default: --npz)")
+    p.add_argument(
+        "--output", default=None, help="ONNX input: the graph output whose fidelity the report leads with (default: the worst one)"
+    )
     p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
@@ -118,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="ORT latency runs at batch 64")
     p.add_argument("--no-progress", action="store_true")
     _add_family_commands(sub)
+    for name in DEVICE_COMMANDS:
+        if name in sub.choices:
+            add_device_args(sub.choices[name])
     return parser
 
 
@@ -206,8 +229,8 @@ def _compress(args: argparse.Namespace) -> int:
         return 0
     if args.model.endswith(".onnx"):
         return _compress_onnx(args, recipe)
-    if args.npz or args.eval_npz:
-        raise DeepShrinkError("--npz and --eval-npz are for .onnx models; PyTorch models use --dataset/--data-dir")
+    if args.npz or args.eval_npz or args.output:
+        raise DeepShrinkError("--npz, --eval-npz and --output are for .onnx models; PyTorch models use --dataset/--data-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model, args.weights)
@@ -232,7 +255,14 @@ def _compress_onnx(args: argparse.Namespace, recipe) -> int:
 
     out = args.out or f"runs/{recipe.name}-{Path(args.model).stem}"
     report = compress_onnx(
-        args.model, recipe, out, npz=args.npz, progress=not args.no_progress, eval_npz=args.eval_npz, threads=args.threads
+        args.model,
+        recipe,
+        out,
+        npz=args.npz,
+        progress=not args.no_progress,
+        eval_npz=args.eval_npz,
+        threads=args.threads,
+        output=args.output,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -521,7 +551,7 @@ def _prune_verify_onnx(model, data, path: str, threads: int | None):
 
 def _prune_sensitivity(model, data, cfg, args: argparse.Namespace, out) -> dict[str, str]:
     """Per-layer magnitude sensitivity of the unpruned model: JSON (with suggested ratios for magnitude) and PNG."""
-    from deepshrink.evaluate.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
+    from deepshrink.analysis.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 
     if len(data.val) == 0:
         raise DeepShrinkError("--sensitivity measures on the validation set: use --val-size > 0")
@@ -580,11 +610,15 @@ def _size_kwargs(name: str, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepshrink.distributed import command_context, world_from_env
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with command_context(args):  # --device, torchrun's process group; only rank 0 writes
+            return COMMANDS[args.command](args)
     except DeepShrinkError as exc:
-        print(f"deepshrink: error: {exc}", file=sys.stderr)
+        if world_from_env().is_main:  # under torchrun every rank fails alike: one line, not N
+            print(f"deepshrink: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deepshrink: interrupted", file=sys.stderr)
