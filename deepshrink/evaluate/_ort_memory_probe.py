@@ -1,17 +1,16 @@
 """Run as a script (``python _ort_memory_probe.py MODEL THREADS 64,1,28,28``) by
 ``deepshrink.evaluate.memory``, which explains the method. It imports nothing but the
 standard library, numpy, onnx and onnxruntime, so the process it measures holds no torch,
-no dataset and no deepshrink. Prints one JSON line of resident-memory deltas in bytes."""
+no dataset and no deepshrink. Prints one JSON line of resident-memory deltas in bytes.
+Its /proc helpers, ``status_kib`` and ``reset_peak``, are shared with that module."""
 
 import json
 import sys
 
 import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith(field + ":"):
@@ -19,13 +18,15 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Writing 5 to clear_refs sets the kernel's peak-RSS mark (VmHWM) to the current RSS."""
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
 
-def _session(model: str | bytes, threads: int) -> ort.InferenceSession:
+def _session(model: str | bytes, threads: int):
+    import onnxruntime as ort  # here, not at the top: deepshrink.evaluate.memory imports this file's /proc helpers
+
     # deepshrink.export.onnx.ort_session's options (that module imports torch, so not here),
     # with the arena off: each tensor is its own allocation, so RSS follows live tensors
     # instead of the arena's power-of-two growth.
@@ -40,6 +41,8 @@ def _session(model: str | bytes, threads: int) -> ort.InferenceSession:
 def _warm_up(threads: int) -> None:
     """One session of a one-node model pays ORT's one-time costs (kernel registry, library
     pages, thread pool) before the baseline, so they are not charged to the model."""
+    from onnx import TensorProto, helper
+
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "warm_up", [value], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
@@ -55,12 +58,12 @@ def measure(model: str, threads: int, shape: tuple[int, ...]) -> dict[str, int]:
     allocated before the baseline, so it is not counted."""
     batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     _warm_up(threads)
-    _reset_peak()
-    base = _status_kib("VmRSS")
+    reset_peak()
+    base = status_kib("VmRSS")
     session = _session(model, threads)
-    created = _status_kib("VmRSS")
+    created = status_kib("VmRSS")
     session.run(None, {session.get_inputs()[0].name: batch})
-    return {"session_bytes": (created - base) * 1024, "run_peak_bytes": (_status_kib("VmHWM") - base) * 1024}
+    return {"session_bytes": (created - base) * 1024, "run_peak_bytes": (status_kib("VmHWM") - base) * 1024}
 
 
 if __name__ == "__main__":

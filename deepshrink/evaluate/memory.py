@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepshrink.core.errors import DeepShrinkError
+from deepshrink.evaluate._ort_memory_probe import reset_peak, status_kib
 
 PROBE = Path(__file__).with_name("_ort_memory_probe.py")
 _PROC = Path("/proc/self/clear_refs")
@@ -62,14 +63,6 @@ def ort_memory(onnx_path: str | Path, input_shape: tuple[int, ...], batch: int =
     return OrtMemory(**json.loads(done.stdout.splitlines()[-1]))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 class PeakRSS:
     """``with PeakRSS() as peak: ...`` then ``peak.bytes``: the most resident memory held
     above the RSS at entry, at any moment inside the block (None without /proc)."""
@@ -79,13 +72,13 @@ class PeakRSS:
     def __enter__(self) -> "PeakRSS":
         self._base = None
         if _PROC.exists():
-            _PROC.write_text("5")  # the kernel's peak mark restarts at the current RSS
-            self._base = _status_kib("VmRSS")
+            reset_peak()  # the kernel's peak mark restarts at the current RSS
+            self._base = status_kib("VmRSS")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._base is not None:
-            self.bytes = (_status_kib("VmHWM") - self._base) * 1024
+            self.bytes = (status_kib("VmHWM") - self._base) * 1024
 
     @property
     def mb(self) -> float | None:
