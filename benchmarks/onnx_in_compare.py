@@ -41,6 +41,7 @@ from peers import ort_quantize_static
 from deepshrink.compress.quant.config import PTQ
 from deepshrink.core.config import Scope
 from deepshrink.data import load_data
+from deepshrink.evaluate.accuracy import top1
 from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.export import export_onnx
 from deepshrink.models import create_model
@@ -52,7 +53,6 @@ from deepshrink.onnx_in import (
     quantize_onnx,
     read_npz,
     save_onnx,
-    top1_accuracy,
 )
 from deepshrink.pipeline.recipe import Recipe
 from deepshrink.report import Column, markdown_table, print_table
@@ -202,7 +202,7 @@ def measure_models(models: dict[str, dict], test: Path, threads: int, runs: int)
             {
                 "method": name,
                 "description": info["description"],
-                "top1": top1_accuracy(first_output(load_onnx(path), data, threads), data.labels),
+                "top1": top1(first_output(load_onnx(path), data, threads), data.labels),
                 "onnx_bytes": path.stat().st_size,
                 "ort_b64_ms": b64[name]["median_ms"],
                 "ort_b64_p90_ms": b64[name]["p90_ms"],

@@ -23,12 +23,12 @@ import torch
 from quant_compare import PTQ_MODELS, RESULTS, SHAPE, ort_quantize_static_bytes
 
 from deepshrink.compress.quant import PTQ
+from deepshrink.compress.quant.onnx_qdq import quantized_onnx_bytes
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
 from deepshrink.evaluate.accuracy import ort_top1
 from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.export import onnx_bytes, ort_session
-from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models import create_model
 from deepshrink.report import Column, markdown_table, print_table
 

@@ -29,6 +29,7 @@ import torch
 from peers import ort_quantize_static
 
 from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, save_quantized_model
+from deepshrink.compress.quant.onnx_qdq import quantized_onnx_bytes
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import load_data
 from deepshrink.evaluate import evaluate_accuracy
@@ -36,7 +37,6 @@ from deepshrink.evaluate.accuracy import ort_predictions
 from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.evaluate.latency import ort_latency_interleaved, torch_latency
 from deepshrink.export import onnx_bytes, ort_session
-from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models import create_model
 from deepshrink.report import Column, markdown_table, print_table
 from deepshrink.train import TrainConfig

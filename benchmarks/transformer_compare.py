@@ -38,6 +38,7 @@ import deepshrink.transformers as dt
 from deepshrink.compress.quant.dynamic import DynamicQuant, parameter_count, quantize_dynamic
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.evaluate.environment import describe_environment, environment
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.evaluate.latency import time_callable
 from deepshrink.report import Column, markdown_table, print_table
 
@@ -231,7 +232,7 @@ def quantization_rows(model, batches, reference, args) -> tuple[list[dict], dict
     latency = interleaved_latency(runners, args.repeats, args.rounds)
 
     def fid(pooled: torch.Tensor) -> dict:
-        return dt.cosine_fidelity(reference, pooled).to_dict()
+        return fidelity(reference, pooled, agreement=False).to_dict()
 
     fp32_bytes = len(fp32)
     rows = [
@@ -311,8 +312,8 @@ def row(method, backend, disk_bytes, fp32_bytes, latency, fidelity, **extra) -> 
         "ratio": None if fp32_bytes is None else fp32_bytes / disk_bytes,
         "latency_ms": None if latency is None else latency[0],
         "latency_p90_ms": None if latency is None else latency[1],
-        "cos_mean": fidelity["mean"],
-        "cos_min": fidelity["min"],
+        "cos_mean": fidelity["cosine_mean"],
+        "cos_min": fidelity["cosine_min"],
         **extra,
     }
 
@@ -353,9 +354,9 @@ def pruning_rows(model, batches, reference, args) -> list[dict]:
                 "ffn": dt.ffn_sizes(model) if key == "unpruned" else shapes["ffn"],
                 "onnx_bytes": len(protos[key]),
                 "ort_latency_ms": latency[key][0],
-                "ort_vs_torch_cos_min": dt.cosine_fidelity(dt.pooled_embeddings(torch_model, batches), ort_pooled).min,
-                "cos_mean": dt.cosine_fidelity(reference, ort_pooled).mean,
-                "cos_min": dt.cosine_fidelity(reference, ort_pooled).min,
+                "ort_vs_torch_cos_min": fidelity(dt.pooled_embeddings(torch_model, batches), ort_pooled, agreement=False).cosine_min,
+                "cos_mean": fidelity(reference, ort_pooled, agreement=False).cosine_mean,
+                "cos_min": fidelity(reference, ort_pooled, agreement=False).cosine_min,
                 "seconds": seconds if key == "pruned" else None,
                 "fallback": found.fallback if key == "pruned_int8" else None,
             }

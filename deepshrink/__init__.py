@@ -20,6 +20,7 @@ from deepshrink.compress.lowrank import Decompose
 from deepshrink.compress.prune import MagnitudePrune
 from deepshrink.compress.quant import PTQ, QAT, MixedPrecision, load_quantized_model, save_quantized_model
 from deepshrink.compress.quant.dynamic import DynamicQuant
+from deepshrink.compress.quant.onnx_qdq import export_quantized_onnx
 from deepshrink.compress.share import KMeansShare
 from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method
@@ -27,7 +28,6 @@ from deepshrink.data import CalibrationSet, load_data
 from deepshrink.encode.pack import pack, unpack
 from deepshrink.evaluate import evaluate
 from deepshrink.export import export_onnx
-from deepshrink.export.qdq import export_quantized_onnx
 from deepshrink.models import create_model, list_models, load_user_model
 from deepshrink.pipeline.auto import AutoOptions, auto_compress
 from deepshrink.pipeline.recipe import load_recipe

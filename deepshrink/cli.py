@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo name, module:function, or an .onnx file (compressed without PyTorch source)")
     p.add_argument("--npz", default=None, help="ONNX input: calibration/evaluation inputs (one array per graph input, optional labels y)")
     p.add_argument("--eval-npz", default=None, help="ONNX input: a separate .npz to evaluate on (default: --npz)")
+    p.add_argument(
+        "--output", default=None, help="ONNX input: the graph output whose fidelity the report leads with (default: the worst one)"
+    )
     p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
@@ -206,8 +209,8 @@ def _compress(args: argparse.Namespace) -> int:
         return 0
     if args.model.endswith(".onnx"):
         return _compress_onnx(args, recipe)
-    if args.npz or args.eval_npz:
-        raise DeepShrinkError("--npz and --eval-npz are for .onnx models; PyTorch models use --dataset/--data-dir")
+    if args.npz or args.eval_npz or args.output:
+        raise DeepShrinkError("--npz, --eval-npz and --output are for .onnx models; PyTorch models use --dataset/--data-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model, args.weights)
@@ -232,7 +235,14 @@ def _compress_onnx(args: argparse.Namespace, recipe) -> int:
 
     out = args.out or f"runs/{recipe.name}-{Path(args.model).stem}"
     report = compress_onnx(
-        args.model, recipe, out, npz=args.npz, progress=not args.no_progress, eval_npz=args.eval_npz, threads=args.threads
+        args.model,
+        recipe,
+        out,
+        npz=args.npz,
+        progress=not args.no_progress,
+        eval_npz=args.eval_npz,
+        threads=args.threads,
+        output=args.output,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -521,7 +531,7 @@ def _prune_verify_onnx(model, data, path: str, threads: int | None):
 
 def _prune_sensitivity(model, data, cfg, args: argparse.Namespace, out) -> dict[str, str]:
     """Per-layer magnitude sensitivity of the unpruned model: JSON (with suggested ratios for magnitude) and PNG."""
-    from deepshrink.evaluate.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
+    from deepshrink.analysis.sensitivity import layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 
     if len(data.val) == 0:
         raise DeepShrinkError("--sensitivity measures on the validation set: use --val-size > 0")

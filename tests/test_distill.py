@@ -150,7 +150,9 @@ def test_teacher_cache_gives_the_same_training_as_running_the_teacher(bundle, te
     for (name, a), b in zip(cached.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
     with torch.no_grad():
-        assert torch.equal(cache.lookup(teacher, bundle.train.images[:5]), teacher(bundle.train.images[:5]))
+        # The cache filled these rows in batches of 64; batched GEMM kernels (AVX-512/AMX) round
+        # differently per batch size, so the bar is fp32 rounding, not bit equality.
+        torch.testing.assert_close(cache.lookup(teacher, bundle.train.images[:5]), teacher(bundle.train.images[:5]), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.unit

@@ -17,11 +17,11 @@ from deepshrink.compress.quant.dynamic import (
     quantize_dynamic,
     quantize_per_channel,
 )
+from deepshrink.compress.quant.onnx_dynamic import RewriteReport, default_policy, dynamic_onnx_bytes, quantize_onnx_dynamic
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import apply_method
 from deepshrink.export import onnx_bytes, ort_session
-from deepshrink.export.onnx_dynamic import RewriteReport, default_policy, dynamic_onnx_bytes, quantize_onnx_dynamic
 
 pytestmark = pytest.mark.unit
 
@@ -166,7 +166,7 @@ def test_embedding_gather_and_matmul_agree_with_torch() -> None:
             )
         return buffer.getvalue()
 
-    from deepshrink.export.onnx_dynamic import dynamic_onnx_from_torch
+    from deepshrink.compress.quant.onnx_dynamic import dynamic_onnx_from_torch
 
     proto = dynamic_onnx_from_torch(q, export)
     table = next(i for i in onnx.load_from_string(proto).graph.initializer if i.name.endswith("weight_quantized") and i.dims[0] == 50)

@@ -45,8 +45,11 @@ def test_fold_zoo_models_keeps_outputs(name: str, images: torch.Tensor) -> None:
     bn_count = len(batchnorms(model))
     folded = fold_batchnorm(model)
     with torch.no_grad():
-        diff = float((folded(images) - model(images)).abs().max())
-    assert diff < 1e-5, diff
+        reference = model(images)
+        diff = float((folded(images) - reference).abs().max())
+    # Folding reorders fp32 arithmetic, so the bar is relative to the largest output: 1e-6 is
+    # a few ulp of it (measured up to 5e-7 on AVX-512 kernels, mobilenetv2); a wrong fold is off by O(1).
+    assert diff < 1e-6 * float(reference.abs().max()), diff
     assert not batchnorms(folded) and foldable_pairs(folded) == []  # every BN in the zoo follows a conv
     assert len(foldable_pairs(model)) == bn_count
     assert not folded.training

@@ -40,6 +40,7 @@ from deepshrink.core.methods import Context, Method, apply_method, registration,
 from deepshrink.data.datasets import DataBundle, ImageSet
 from deepshrink.encode.step import Pack
 from deepshrink.evaluate.accuracy import evaluate_accuracy
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.export.onnx import onnx_bytes, ort_session, run_ort
 from deepshrink.models.weights import save_weights
 from deepshrink.onnx_in.data import NpzInputs
@@ -204,7 +205,7 @@ def _assert_ort_agrees(model: nn.Module, case: Case, quantized: bool) -> None:
 
         session = ort_session(dt.encoder_dynamic_onnx(model) if quantized else dt.encoder_onnx_bytes(model))
         batches = case.ctx.batches
-        assert dt.cosine_fidelity(dt.pooled_embeddings(model, batches), dt.ort_pooled(session, batches)).min > 0.99999
+        assert fidelity(dt.pooled_embeddings(model, batches), dt.ort_pooled(session, batches)).cosine_min > 0.99999
         return
     images = case.ctx.data.test.images
     got = run_ort(ort_session(model_onnx_bytes(model, SHAPE)), images)

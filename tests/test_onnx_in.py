@@ -19,6 +19,7 @@ from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.encode.container import DszError
 from deepshrink.encode.step import Pack
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.export import export_onnx
 from deepshrink.models import create_model
 from deepshrink.onnx_in import (
@@ -26,7 +27,6 @@ from deepshrink.onnx_in import (
     clean_onnx,
     compress_onnx,
     evaluate_onnx,
-    fidelity,
     first_output,
     load_onnx,
     normalize_initializers,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from deepshrink.analysis.sensitivity import SensitivityResult, layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 from deepshrink.compress.prune import (
     BNScaleL1Regularizer,
     GroupLassoRegularizer,
@@ -33,7 +34,6 @@ from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import DataBundle, ImageSet
 from deepshrink.evaluate.accuracy import evaluate_accuracy
-from deepshrink.evaluate.sensitivity import SensitivityResult, layer_sensitivity, layer_sparsities_for_target, plot_sensitivity
 from deepshrink.pipeline.recipe import parse_recipe
 from deepshrink.train import TrainConfig, Trainer
 from tests.conftest import make_learnable_set

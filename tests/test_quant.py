@@ -18,13 +18,14 @@ from deepshrink.compress.quant import (
     ActQuant,
     MixedPrecision,
     allocate_bits,
+    fake_quant_layers,
     load_quantized_model,
     prepare,
-    quant_layers,
     save_quantized_model,
 )
 from deepshrink.compress.quant.config import resolve_reduce_range
 from deepshrink.compress.quant.mixed import plan_fraction, weight_budget_bits
+from deepshrink.compress.quant.onnx_qdq import quantized_onnx_bytes
 from deepshrink.compress.quant.qat import layer_plan
 from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
@@ -32,7 +33,6 @@ from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.data import DataBundle
 from deepshrink.export.onnx import ort_session, run_ort
-from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models import create_model
 from deepshrink.models.zoo import BasicBlock
 from deepshrink.onnx_in.runtime import optimized_op_counts
@@ -98,7 +98,7 @@ def test_ptq_int8_keeps_accuracy_and_reports_layers(trained):
     assert fp32 > 0.9
     assert int8 >= fp32 - 0.02
     report = qmodel.quant_report
-    assert [r["layer"] for r in report] == [name for name, _ in quant_layers(qmodel)]
+    assert [r["layer"] for r in report] == [name for name, _ in fake_quant_layers(qmodel)]
     assert all(r["weight_sqnr_db"] > 30 and r["output_sqnr_db"] > 15 for r in report)
 
 
@@ -121,7 +121,7 @@ def test_qdq_onnx_runs_integer_kernels_and_agrees_with_torch(trained, tmp_path):
     proto = quantized_onnx_bytes(qmodel, SHAPE)
     graph = onnx.load_from_string(proto).graph
     int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
-    assert len(int8_weights) == len(quant_layers(qmodel))
+    assert len(int8_weights) == len(fake_quant_layers(qmodel))
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in graph.initializer} for n in graph.node)
     ops = optimized_op_counts(proto)
     assert ops["QLinearConv"] == 4 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
@@ -138,10 +138,10 @@ def test_low_bit_weights_pack_into_fewer_bytes_and_reload_exactly(trained, tmp_p
     model, data = trained
     calib = [data.train.images[:128]]
     qmodel = apply_method(model, PTQ(weight_bits=4), Context(data, progress=False, calib=calib))
-    for _, layer in quant_layers(qmodel):
+    for _, layer in fake_quant_layers(qmodel):
         codes, _, _ = layer.weight_quant.codes(layer.weight)
         assert codes.abs().max() <= 7
-    weights = sum(layer.weight.numel() for _, layer in quant_layers(qmodel))
+    weights = sum(layer.weight.numel() for _, layer in fake_quant_layers(qmodel))
     size4 = save_quantized_model(qmodel, tmp_path / "w4.safetensors")
     qmodel8 = apply_method(model, PTQ(weight_bits=8, reduce_range=False), Context(data, progress=False, calib=calib))
     size8 = save_quantized_model(qmodel8, tmp_path / "w8.safetensors")
@@ -158,7 +158,7 @@ def test_binary_and_ternary_weights_take_two_or_three_values_per_channel(trained
     model, data = trained
     cfg = QAT(weight_quantizer=quantizer, calib_samples=128, finetune=TrainConfig(epochs=2, lr=0.01, batch_size=64, channels_last=False))
     qmodel = apply_method(model, cfg, Context(data, progress=False))
-    inner = quant_layers(qmodel)[1:-1]  # the first and last layers stay 8-bit
+    inner = fake_quant_layers(qmodel)[1:-1]  # the first and last layers stay 8-bit
     assert {layer.weight_quant.quantizer for _, layer in inner} == {quantizer}
     for _, layer in inner:
         values = layer.weight_quant(layer.weight).detach().flatten(1)
@@ -179,8 +179,8 @@ def test_lsq_qat_learns_step_sizes_and_recovers_low_bit_accuracy(trained):
         finetune=TrainConfig(epochs=3, lr=0.02, channels_last=False, batch_size=64),
     )
     qat2 = apply_method(model, cfg, Context(data, progress=False))
-    before = [layer.weight_quant.scale.detach().clone() for _, layer in quant_layers(ptq2)]
-    after = [layer.weight_quant.scale.detach() for _, layer in quant_layers(qat2)]
+    before = [layer.weight_quant.scale.detach().clone() for _, layer in fake_quant_layers(ptq2)]
+    after = [layer.weight_quant.scale.detach() for _, layer in fake_quant_layers(qat2)]
     assert any(not torch.allclose(b, a) for b, a in zip(before, after, strict=True))
     assert accuracy(qat2, data.test.images, data.test.labels) >= accuracy(ptq2, data.test.images, data.test.labels)
     assert accuracy(qat2, data.test.images, data.test.labels) > 0.85
@@ -241,7 +241,7 @@ def test_mixed_precision_gives_sensitive_layers_more_bits(trained):
     )
     qmodel = apply_method(model, cfg, Context(data, progress=False))
     plan = qmodel.bit_plan
-    assert set(plan) == {name for name, _ in quant_layers(qmodel)}
+    assert set(plan) == {name for name, _ in fake_quant_layers(qmodel)}
     assert len(set(plan.values())) > 1
     with tempfile.TemporaryDirectory() as tmp:  # the budget holds for the bytes on disk, header included
         assert save_quantized_model(qmodel, Path(tmp) / "m.safetensors") <= 0.42 * 4 * sum(p.numel() for p in model.parameters())
@@ -258,7 +258,7 @@ def test_post_training_mixed_precision_keeps_the_folded_weights_and_fits_the_bud
     qmodel = apply_method(model, cfg, Context(data, progress=False))
     assert len(set(qmodel.bit_plan.values())) > 1
     folded = dict(fold_batchnorm(model).named_modules())
-    for name, layer in quant_layers(qmodel):
+    for name, layer in fake_quant_layers(qmodel):
         assert torch.equal(layer.weight, folded[name].weight), name
         bits = qmodel.bit_plan[name]
         assert layer.weight_quant.spec.bits == (min(bits, 7) if resolve_reduce_range(None) else bits)  # 8-bit on 7 without VNNI

@@ -14,9 +14,12 @@ pytest.importorskip("transformers")
 
 import deepshrink.transformers as dt  # noqa: E402
 from deepshrink.cli import main  # noqa: E402
+from deepshrink.compress.lowrank.layers import svd_linear  # noqa: E402
 from deepshrink.compress.quant.dynamic import DynamicQuant, DynamicQuantEmbedding, DynamicQuantLinear, quantize_dynamic, quantize_layers  # noqa: E402
 from deepshrink.core.errors import InputError  # noqa: E402
 from deepshrink.core.methods import Context, apply_method  # noqa: E402
+from deepshrink.evaluate.accuracy import top1  # noqa: E402
+from deepshrink.evaluate.fidelity import fidelity  # noqa: E402
 from deepshrink.export import ort_session  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -76,14 +79,14 @@ def word_tokenizer():
 def test_cosine_fidelity_and_mean_pool_on_known_vectors() -> None:
     ref = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0], [2.0, 0.0]])
     cand = torch.tensor([[0.0, 1.0], [2.0, 2.0], [-3.0, -4.0], [1.0, 1.0]])
-    fid = dt.cosine_fidelity(ref, cand)
-    assert fid.samples == 4 and fid.min == pytest.approx(-1.0)
-    assert fid.mean == pytest.approx((0.0 + 1.0 - 1.0 + 2**-0.5) / 4)
+    fid = fidelity(ref, cand)
+    assert fid.samples == 4 and fid.cosine_min == pytest.approx(-1.0)
+    assert fid.cosine_mean == pytest.approx((0.0 + 1.0 - 1.0 + 2**-0.5) / 4)
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     assert torch.allclose(dt.mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
-    assert dt.accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1])) == pytest.approx(200 / 3)
+    assert top1(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1])) == pytest.approx(200 / 3)
     with pytest.raises(InputError):
-        dt.cosine_fidelity(ref, cand[:3])
+        fidelity(ref, cand[:3])
     with pytest.raises(InputError):
         dt.mean_pool(hidden, torch.ones(1, 2))
 
@@ -100,7 +103,7 @@ def test_fp32_export_runs_in_ort_with_dynamic_batch_and_sequence(tiny, batches) 
             expected = tiny(**batch).last_hidden_state.numpy()
         real = batch["attention_mask"].numpy().astype(bool)
         assert np.abs(hidden - expected)[real].max() < 1e-4
-    assert dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), dt.ort_pooled(session, batches)).min > 0.99999
+    assert fidelity(dt.pooled_embeddings(tiny, batches), dt.ort_pooled(session, batches)).cosine_min > 0.99999
 
 
 def test_export_leaves_the_encoder_in_the_callers_mode(tiny) -> None:
@@ -121,11 +124,11 @@ def test_dynamic_int8_torch_and_ort_agree(tiny, batches) -> None:
     assert ops.count("MatMulInteger") == 12 and ops.count("MatMul") == 4  # 6 Linears per layer; Q.K^T and P.V stay float
     reference, torch_q = dt.pooled_embeddings(tiny, batches), dt.pooled_embeddings(q, batches)
     ort_q = dt.ort_pooled(ort_session(proto), batches)
-    assert dt.cosine_fidelity(torch_q, ort_q).min > 0.99999  # the same arithmetic
+    assert fidelity(torch_q, ort_q).cosine_min > 0.99999  # the same arithmetic
     assert (torch_q - ort_q).abs().max() < 1e-3
-    fid = dt.cosine_fidelity(reference, torch_q)
-    assert fid.min > 0.99 and fid.mean < 1 - 1e-7  # really quantized, still faithful
-    assert abs(dt.cosine_fidelity(reference, ort_q).mean - fid.mean) < 1e-5
+    fid = fidelity(reference, torch_q)
+    assert fid.cosine_min > 0.99 and fid.cosine_mean < 1 - 1e-7  # really quantized, still faithful
+    assert abs(fidelity(reference, ort_q).cosine_mean - fid.cosine_mean) < 1e-5
 
 
 def test_dynamic_int8_onnx_is_3_5x_smaller_where_weights_dominate() -> None:
@@ -137,22 +140,22 @@ def test_dynamic_int8_onnx_is_3_5x_smaller_where_weights_dominate() -> None:
 
 
 def test_sensitivity_fallback_meets_targets_and_exports(tiny, batches) -> None:
-    plain = dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), dt.pooled_embeddings(quantize_dynamic(tiny), batches))
-    target = 1 - (1 - plain.mean) / 4  # demand 4x less damage than quantizing everything
+    plain = fidelity(dt.pooled_embeddings(tiny, batches), dt.pooled_embeddings(quantize_dynamic(tiny), batches))
+    target = 1 - (1 - plain.cosine_mean) / 4  # demand 4x less damage than quantizing everything
     q, result = dt.quantize_with_fallback(tiny, batches, mean_target=target, min_target=0.9)
-    assert result.without_fallback.mean == pytest.approx(plain.mean)
-    assert result.fidelity.mean >= target and result.fallback
+    assert result.without_fallback.cosine_mean == pytest.approx(plain.cosine_mean)
+    assert result.fidelity.cosine_mean >= target and result.fallback
     reference = dt.pooled_embeddings(tiny, batches)
     for name in result.fallback:  # every fp32 layer is needed: quantizing any one of them misses the target
         assert type(q.get_submodule(name)) in (nn.Linear, nn.Embedding)
         trial = quantize_layers(copy.deepcopy(q), [name])
-        assert not dt.cosine_fidelity(reference, dt.pooled_embeddings(trial, batches)).meets(target, 0.9)
+        assert not fidelity(reference, dt.pooled_embeddings(trial, batches)).meets(target, 0.9)
     proto = dt.encoder_dynamic_onnx(q)
     fp32_linears = sum(isinstance(q.get_submodule(n), nn.Linear) for n in result.fallback)
     ops = [n.op_type for n in onnx.load_from_string(proto).graph.node]
     assert ops.count("MatMulInteger") == 12 - fp32_linears
-    ort_fid = dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), dt.ort_pooled(ort_session(proto), batches))
-    assert ort_fid.mean == pytest.approx(result.fidelity.mean, abs=1e-6)
+    ort_fid = fidelity(dt.pooled_embeddings(tiny, batches), dt.ort_pooled(ort_session(proto), batches))
+    assert ort_fid.cosine_mean == pytest.approx(result.fidelity.cosine_mean, abs=1e-6)
     again = quantize_dynamic(tiny, result.config)  # the returned config reproduces the model
     assert torch.equal(dt.pooled_embeddings(again, batches), dt.pooled_embeddings(q, batches))
 
@@ -168,8 +171,8 @@ def test_head_and_neuron_pruning_30_percent_removes_weights(tiny, batches) -> No
     assert len(fp32) - len(small) >= 0.95 * 4 * removed  # fp32 bytes of the removed weights, less some graph noise
     session = ort_session(small)
     torch_p = dt.pooled_embeddings(pruned, batches)
-    assert dt.cosine_fidelity(torch_p, dt.ort_pooled(session, batches)).min > 0.99999
-    assert dt.cosine_fidelity(dt.pooled_embeddings(tiny, batches), torch_p).mean > 0.95
+    assert fidelity(torch_p, dt.ort_pooled(session, batches)).cosine_min > 0.99999
+    assert fidelity(dt.pooled_embeddings(tiny, batches), torch_p).cosine_mean > 0.95
 
 
 def test_activation_importance_removes_the_head_that_contributes_nothing(tiny, batches) -> None:
@@ -185,7 +188,7 @@ def test_activation_importance_removes_the_head_that_contributes_nothing(tiny, b
     dt.prune_transformer(model, dt.TransformerPrune(heads=0.25), batches)
     assert dt.head_counts(model) == [3, 3]
     assert torch.allclose(dt.pooled_embeddings(model, batches)[:, :], before, atol=0.05)
-    assert dt.cosine_fidelity(before, dt.pooled_embeddings(model, batches)).mean > 0.99
+    assert fidelity(before, dt.pooled_embeddings(model, batches)).cosine_mean > 0.99
 
 
 def test_distillation_repairs_pruning(tiny, batches) -> None:
@@ -198,16 +201,16 @@ def test_distillation_repairs_pruning(tiny, batches) -> None:
     )
     reference = dt.pooled_embeddings(tiny, batches)
     before, after = (
-        dt.cosine_fidelity(reference, dt.pooled_embeddings(plain, batches)),
-        dt.cosine_fidelity(reference, dt.pooled_embeddings(repaired, batches)),
+        fidelity(reference, dt.pooled_embeddings(plain, batches)),
+        fidelity(reference, dt.pooled_embeddings(repaired, batches)),
     )
-    assert after.mean > before.mean and (1 - after.mean) < 0.7 * (1 - before.mean)
+    assert after.cosine_mean > before.cosine_mean and (1 - after.cosine_mean) < 0.7 * (1 - before.cosine_mean)
     assert params(repaired) == params(plain)
 
 
 def test_svd_of_ffn_projections(tiny, batches) -> None:
     layer = tiny.encoder.layer[0].intermediate.dense
-    low = dt.svd_linear(layer, 16)
+    low = svd_linear(layer, 16)
     s = torch.linalg.svdvals(layer.weight.detach().double())
     approx = (low[1].weight @ low[0].weight).double()
     assert torch.linalg.matrix_norm(layer.weight.double() - approx).item() == pytest.approx(float(s[16:].pow(2).sum().sqrt()), rel=1e-4)
@@ -216,7 +219,7 @@ def test_svd_of_ffn_projections(tiny, batches) -> None:
     assert params(tiny) - params(model) == 4 * (64 * 128 - 16 * (64 + 128))
     session = ort_session(dt.encoder_onnx_bytes(model))
     torch_s = dt.pooled_embeddings(model, batches)
-    assert dt.cosine_fidelity(torch_s, dt.ort_pooled(session, batches)).min > 0.99999
+    assert fidelity(torch_s, dt.ort_pooled(session, batches)).cosine_min > 0.99999
     _, full = dt.decompose_transformer(copy.deepcopy(tiny), dt.TransformerSVD(rank_fraction=1.0, targets=("attention",)))
     assert set(full.values()) == {None}  # full rank saves nothing: left alone
 
@@ -256,7 +259,7 @@ def test_classification_task_accuracy_survives_int8_and_ort() -> None:
     int8 = dt.task_accuracy(q, batches, labels)
     ort_logits = dt.ort_logits(ort_session(dt.encoder_dynamic_onnx(q)), batches)
     assert fp32 >= 95 and int8 >= fp32 - 5
-    assert dt.accuracy(ort_logits, labels) == pytest.approx(int8, abs=100 / 64 + 1e-9)
+    assert top1(ort_logits, labels) == pytest.approx(int8, abs=100 / 64 + 1e-9)
 
 
 # -- input checks and the CLI -----------------------------------------------------------------
@@ -302,7 +305,7 @@ def test_cli_prunes_and_quantizes_from_a_config(tmp_path, capsys) -> None:
     removed = 2 * (3 * (64 * 16 + 16) + 64 * 16) + 2 * (38 * 64 + 38 + 64 * 38)  # one head of four, 38 of 128 neurons, per layer
     assert before["params"] - after["params"] == removed
     assert before["onnx_bytes"] / after["onnx_bytes"] > 2.5  # a tiny model: the graph itself is a good part of the file
-    assert after["ort_fidelity"]["mean"] == pytest.approx(after["torch_fidelity"]["mean"], abs=1e-5)
+    assert after["ort_fidelity"]["cosine_mean"] == pytest.approx(after["torch_fidelity"]["cosine_mean"], abs=1e-5)
     assert report["stages"]["quantize"]["fidelity"]["samples"] == 12
     assert (out / "compressed.onnx").stat().st_size == after["onnx_bytes"]
     assert main(["transformer", str(config), "--out", str(out)]) == 2

@@ -11,6 +11,7 @@ def add_commands(sub) -> None:
     p.add_argument("model", help="ONNX file")
     p.add_argument("--npz", required=True, help="inputs under the graph input's name (or x for one input), optional labels y")
     p.add_argument("--reference", default=None, help="ONNX file to compare outputs with (max abs diff, cosine, top-1 agreement)")
+    p.add_argument("--output", default=None, help="the graph output to lead with (default: the worst one that depends on weights)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
 
@@ -23,18 +24,18 @@ def add_commands(sub) -> None:
 def _onnx_eval(args: argparse.Namespace) -> int:
     from deepshrink.onnx_in import evaluate_onnx
 
-    result = evaluate_onnx(args.model, args.npz, args.reference, args.threads)
+    result = evaluate_onnx(args.model, args.npz, args.reference, args.threads, args.output)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['model']}: {result['samples']:,} samples")
     if "top1" in result:
-        print(f"Top-1 {result['top1']:.2f}%")
+        print(f"Top-1 {result['top1']:.2f}% (output {result['top1_output']})")
     if "fidelity" in result:
         f = result["fidelity"]
         agreement = "-" if f["top1_agreement"] is None else f"{f['top1_agreement']:.2f}%"
         print(
-            f"vs {args.reference}: max abs diff {f['max_abs_diff']:.3g}, cosine mean {f['cosine_mean']:.6f} (min {f['cosine_min']:.6f}), top-1 agreement {agreement}"
+            f"vs {args.reference}, output {result['fidelity_output']}: max abs diff {f['max_abs_diff']:.3g}, cosine mean {f['cosine_mean']:.6f} (min {f['cosine_min']:.6f}), top-1 agreement {agreement}"
         )
     return 0
 

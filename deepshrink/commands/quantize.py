@@ -82,12 +82,12 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> dict:
     from deepshrink.compress.quant import save_quantized_model
+    from deepshrink.compress.quant.onnx_qdq import export_quantized_onnx
     from deepshrink.evaluate import evaluate_accuracy
     from deepshrink.evaluate.accuracy import ort_top1
     from deepshrink.evaluate.latency import ort_latency_interleaved
     from deepshrink.evaluate.size import fp32_param_bytes
     from deepshrink.export import onnx_bytes, ort_session
-    from deepshrink.export.qdq import export_quantized_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     packed = save_quantized_model(qmodel, out / "model.safetensors")

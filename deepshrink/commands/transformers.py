@@ -106,16 +106,17 @@ def _transformer(args: argparse.Namespace) -> int:
 
 def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
     """Params, ONNX bytes, fidelity (torch and ORT) and ORT latency, before and after."""
-    from deepshrink.compress.quant.dynamic import parameter_count, quantized_layers
+    from deepshrink.compress.quant.dynamic import dynamic_quant_layers, parameter_count
+    from deepshrink.evaluate.fidelity import fidelity
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
     from deepshrink.export.onnx import write_atomic
-    from deepshrink.transformers import cosine_fidelity, encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
+    from deepshrink.transformers import encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
     from deepshrink.transformers.export import ort_feed
 
     reference = pooled_embeddings(original, batches)
     sides = {"original": (original, encoder_onnx_bytes(original))}
-    quantized = bool(quantized_layers(compressed))
+    quantized = bool(dynamic_quant_layers(compressed))
     sides["compressed"] = (
         compressed,
         encoder_dynamic_onnx(compressed, weight_type=args.weight_type) if quantized else encoder_onnx_bytes(compressed),
@@ -130,8 +131,8 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
             "params": parameter_count(model),
             "onnx_bytes": len(proto),
             "onnx": str(path),
-            "torch_fidelity": cosine_fidelity(reference, pooled_embeddings(model, batches)).to_dict(),
-            "ort_fidelity": cosine_fidelity(reference, ort_pooled(session, batches)).to_dict(),
+            "torch_fidelity": fidelity(reference, pooled_embeddings(model, batches), agreement=False).to_dict(),
+            "ort_fidelity": fidelity(reference, ort_pooled(session, batches), agreement=False).to_dict(),
             "ort_ms": median,
         }
     report["latency"] = {"batch": list(batches[0]["input_ids"].shape), "repeats": args.repeats, "threads": args.threads}
@@ -151,10 +152,10 @@ def print_report(report: dict, as_json: bool) -> None:
             Column("model", lambda r: r[0]),
             Column("params", lambda r: r[1]["params"], "{:,}"),
             Column("ONNX bytes", lambda r: r[1]["onnx_bytes"], "{:,}"),
-            Column("cosine mean (torch)", lambda r: r[1]["torch_fidelity"]["mean"], "{:.5f}"),
-            Column("cosine min (torch)", lambda r: r[1]["torch_fidelity"]["min"], "{:.5f}"),
-            Column("cosine mean (ORT)", lambda r: r[1]["ort_fidelity"]["mean"], "{:.5f}"),
-            Column("cosine min (ORT)", lambda r: r[1]["ort_fidelity"]["min"], "{:.5f}"),
+            Column("cosine mean (torch)", lambda r: r[1]["torch_fidelity"]["cosine_mean"], "{:.5f}"),
+            Column("cosine min (torch)", lambda r: r[1]["torch_fidelity"]["cosine_min"], "{:.5f}"),
+            Column("cosine mean (ORT)", lambda r: r[1]["ort_fidelity"]["cosine_mean"], "{:.5f}"),
+            Column("cosine min (ORT)", lambda r: r[1]["ort_fidelity"]["cosine_min"], "{:.5f}"),
             Column("ORT ms", lambda r: r[1]["ort_ms"], "{:.2f}"),
         ],
         title=f"{report['source']}: {', '.join(report['stages'])} on {report['data']}",

@@ -69,13 +69,13 @@ class PackReport:
 
 
 # -- symbol streams: Huffman or rANS, whichever is smaller --------------------
-def _code_symbols(symbols: np.ndarray, alphabet: int) -> tuple[str, bytes]:
+def code_symbols(symbols: np.ndarray, alphabet: int) -> tuple[str, bytes]:
     huffman = huffman_encode(symbols, alphabet).to_bytes()
     rans = rans_encode(symbols, alphabet).to_bytes()
     return ("huffman", huffman) if len(huffman) <= len(rans) else ("rans", rans)
 
 
-def _decode_symbols(codec: str, data: bytes) -> np.ndarray:
+def decode_symbols(codec: str, data: bytes) -> np.ndarray:
     if codec == "huffman":
         return huffman_decode(HuffmanStream.from_bytes(data))
     if codec == "rans":
@@ -89,7 +89,7 @@ def _sparse_gaps(nonzero: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray,
     out = []
     for bits in INDEX_BITS:
         gaps, is_filler = encode_positions(nonzero, bits)
-        out.append((bits, gaps, is_filler, *_code_symbols(gaps.astype(np.int64), 1 << bits)))
+        out.append((bits, gaps, is_filler, *code_symbols(gaps.astype(np.int64), 1 << bits)))
     return out
 
 
@@ -100,14 +100,14 @@ def _encode_codebook(flat: np.ndarray, codebook: np.ndarray) -> tuple[dict, dict
     nonzero = flat != 0
     symbols = np.searchsorted(codebook, flat).astype(np.int64)
     dense_symbols = np.where(nonzero, symbols, k)  # symbol k stands for zero
-    codec, data = _code_symbols(dense_symbols, k + 1)
+    codec, data = code_symbols(dense_symbols, k + 1)
     fixed = flat.size * symbol_bits / 8 + 4 * k
     candidates = [({"layout": "dense", "index": codec}, {"index": data}, total_entropy_bits(dense_symbols, k + 1), fixed)]
     if not nonzero.all():
         for bits, gaps, is_filler, gap_codec, gap_data in _sparse_gaps(nonzero):
             entries = np.full(len(gaps), k, np.int64)
             entries[~is_filler] = symbols[nonzero]
-            index_codec, index_data = _code_symbols(entries, k + 1)
+            index_codec, index_data = code_symbols(entries, k + 1)
             entropy = total_entropy_bits(gaps.astype(np.int64), 1 << bits) + total_entropy_bits(entries, k + 1)
             entry = {"layout": "sparse", "index_bits": bits, "gaps": gap_codec, "index": index_codec}
             fixed = len(gaps) * (bits + symbol_bits) / 8 + 4 * k
@@ -133,7 +133,7 @@ def _distinct_nonzero(flat: np.ndarray) -> np.ndarray | None:
     return values if len(values) <= MAX_CODEBOOK else None
 
 
-def _encode_tensor(name: str, tensor: torch.Tensor) -> tuple[dict, dict[str, bytes], TensorStats]:
+def encode_tensor(name: str, tensor: torch.Tensor) -> tuple[dict, dict[str, bytes], TensorStats]:
     if tensor.dtype not in _DTYPES:
         raise DszError(f"tensor {name!r}: dtype {tensor.dtype} is not supported by the .dsz format")
     array = tensor.detach().cpu().contiguous().numpy()
@@ -159,7 +159,7 @@ def _encode_tensor(name: str, tensor: torch.Tensor) -> tuple[dict, dict[str, byt
     return entry, {"raw": raw}, TensorStats(name, "raw", tensor.numel(), len(raw), 8.0 * len(raw), float(len(raw)))
 
 
-def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
+def decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
     name, shape = entry["name"], tuple(entry["shape"])
     if entry["dtype"] not in _TORCH_DTYPES:
         raise DszError(f"tensor {name!r}: unsupported dtype {entry['dtype']!r}")
@@ -171,7 +171,7 @@ def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
             raise DszError(f"tensor {name!r}: {array.size} stored values for shape {list(shape)}")
         return torch.from_numpy(array.copy()).view(shape)
     if entry["codec"] == "sparse":
-        positions = decode_positions(_decode_symbols(entry["gaps"], streams["gaps"]), numel)
+        positions = decode_positions(decode_symbols(entry["gaps"], streams["gaps"]), numel)
         values = np.frombuffer(streams["values"], "<f4")
         if positions.size != values.size:
             raise DszError(f"tensor {name!r}: {positions.size} positions for {values.size} values")
@@ -182,7 +182,7 @@ def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
         raise DszError(f"tensor {name!r}: unknown codec {entry['codec']!r}")
     codebook = np.frombuffer(streams["codebook"], "<f4")
     values = np.append(codebook, np.float32(0))  # symbol k decodes to zero
-    symbols = _decode_symbols(entry["index"], streams["index"])
+    symbols = decode_symbols(entry["index"], streams["index"])
     if symbols.size and symbols.max() > len(codebook):
         raise DszError(f"tensor {name!r}: cluster index out of range")
     flat = np.zeros(numel, np.float32)
@@ -191,7 +191,7 @@ def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
             raise DszError(f"tensor {name!r}: {symbols.size} indices for {numel} weights")
         flat = values[symbols]
     else:
-        positions = decode_positions(_decode_symbols(entry["gaps"], streams["gaps"]), numel)
+        positions = decode_positions(decode_symbols(entry["gaps"], streams["gaps"]), numel)
         if positions.size != symbols.size:
             raise DszError(f"tensor {name!r}: {positions.size} positions for {symbols.size} indices")
         flat[positions] = values[symbols]
@@ -214,7 +214,7 @@ def pack(model: nn.Module | dict[str, torch.Tensor], path: str | Path, architect
     state = model.state_dict() if isinstance(model, nn.Module) else model
     entries, streams, stats = [], {}, []
     for name, tensor in state.items():
-        entry, tensor_streams, tensor_stats = _encode_tensor(name, tensor)
+        entry, tensor_streams, tensor_stats = encode_tensor(name, tensor)
         entries.append(add_streams(entry, name, tensor_streams, streams))
         stats.append(tensor_stats)
     manifest = {"format": FORMAT, "architecture": architecture, "tensors": entries}
@@ -231,7 +231,7 @@ def unpack_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for entry in manifest.get("tensors", []):
         try:
             tensor_streams = {kind: streams[key] for kind, key in entry["streams"].items()}
-            state[entry["name"]] = _decode_tensor(entry, tensor_streams)
+            state[entry["name"]] = decode_tensor(entry, tensor_streams)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DszError):
                 raise DszError(f"{path}: {exc}") from None

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from deepshrink.compress.quant.modules import fake_quant_layers  # encode sits above compress (tests/test_layers.py)
+from deepshrink.compress.quant.storage import load_quantized_model, save_quantized_model
 from deepshrink.core.config import Config
 from deepshrink.core.files import write_atomic
 from deepshrink.core.methods import Context, Written, method
@@ -28,9 +30,7 @@ class Pack(Config):
 @method("pack", Pack, needs=("out_dir",), output=True)
 class PackMethod:
     def torch(self, model: nn.Module, cfg: Pack, ctx: Context) -> Written:
-        from deepshrink.compress.quant.modules import quant_layers  # encode sits below compress: import at use
-
-        if quant_layers(model):
+        if fake_quant_layers(model):
             return _pack_quantized(model, cfg, ctx)
         report, decoded = pack_verified(model, ctx.out_dir / "model.dsz", ctx.architecture)
         streams = {
@@ -44,8 +44,6 @@ class PackMethod:
 
 def _pack_quantized(model: nn.Module, cfg: Pack, ctx: Context) -> Written:
     """A quantized model's archive is its bit-packed integer weights (safetensors, no pickle)."""
-    from deepshrink.compress.quant.storage import load_quantized_model, save_quantized_model
-
     path = ctx.out_dir / "model.qpack.safetensors"
     file_bytes = save_quantized_model(model, path)
     restored = load_quantized_model(copy.deepcopy(model), path)

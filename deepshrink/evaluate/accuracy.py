@@ -3,10 +3,13 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.core.errors import InputError
 from deepshrink.data.datasets import ImageSet, iterate_batches
+from deepshrink.evaluate.fidelity import as_array
 from deepshrink.export.onnx import run_ort
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # images -> logits: a PyTorch model or an ONNX Runtime session
@@ -72,6 +75,14 @@ def predictions(predict: Predict, data: ImageSet, sigma: float = 0.0, seed: int 
 def ort_predictions(session, data: ImageSet) -> torch.Tensor:
     """Top-1 class of every image from an ONNX Runtime session."""
     return predictions(ort_predict(session), data)
+
+
+def top1(logits, labels) -> float:
+    """Top-1 accuracy in % of (N, classes) logits (numpy or torch) against N integer labels."""
+    logits, labels = as_array(logits), as_array(labels).reshape(-1)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise InputError(f"Top-1 needs (N, classes) outputs for {len(labels)} labels, got shape {logits.shape}")
+    return 100.0 * float(np.mean(logits.argmax(1) == labels))
 
 
 def ort_top1(session, data: ImageSet) -> float:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from deepshrink.core.errors import DeepShrinkError
+from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.files import write_atomic  # noqa: F401  (re-exported: callers import it from here)
 
 OPSET = 17
@@ -71,15 +71,29 @@ def check_exported(proto: onnx.ModelProto, what: str) -> None:
         raise ExportError(f"exported {what} model is invalid: {str(exc).splitlines()[0]}") from exc
 
 
-def ort_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session with all graph optimisations and fixed thread counts."""
+def ort_session(
+    model: onnx.ModelProto | bytes | str | Path, threads: int | None = None, optimized_path: str | None = None, layout: bool = True
+) -> ort.InferenceSession:
+    """The one ONNX Runtime session factory: CPU, all graph optimisations, fixed thread counts.
+
+    ``optimized_path`` saves the graph ORT runs. ``layout=False`` stops before the NCHWc layout pass,
+    which in ORT 1.32 fails to load graphs that also return a conv's output feeding a residual add
+    (as calibration does). A model ORT cannot load is one ``InputError`` line."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_ENABLE_ALL if layout else level.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3  # the NCHWc "hardware specific" notice is expected when saving the optimised graph
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    source = source if isinstance(source, bytes) else str(source)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
+        raise InputError(f"ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0]})") from None
 
 
 def run_ort(session: ort.InferenceSession, inputs: torch.Tensor) -> np.ndarray:

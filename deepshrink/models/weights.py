@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deepshrink.core.errors import WeightsError
+from deepshrink.core.modules import replace_module
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 MANIFEST = PRETRAINED_DIR / "manifest.json"
@@ -99,8 +100,7 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn
             continue
         replacement = _resized(module, weight)
         if replacement is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement.train(module.training))
+            model = replace_module(model, name, replacement.train(module.training))
     return model
 
 

@@ -7,12 +7,11 @@ from deepshrink.onnx_in.model import OnnxModelError, check_onnx, load_onnx, norm
 from deepshrink.onnx_in.pack import OnnxPackReport, pack_onnx, unpack_onnx
 from deepshrink.onnx_in.pipeline import apply_step, compress_onnx, evaluate_onnx
 from deepshrink.onnx_in.quantize import quantize_onnx
-from deepshrink.onnx_in.runtime import Fidelity, fidelity, first_output, optimized_op_counts, session, top1_accuracy
+from deepshrink.onnx_in.runtime import first_output, optimized_op_counts
 from deepshrink.onnx_in.weights import prune_initializers, share_initializers, weight_refs
 
 __all__ = [
     "CleanResult",
-    "Fidelity",
     "NpzInputs",
     "OnnxModelError",
     "OnnxPackReport",
@@ -21,7 +20,6 @@ __all__ = [
     "clean_onnx",
     "compress_onnx",
     "evaluate_onnx",
-    "fidelity",
     "first_output",
     "load_onnx",
     "normalize_initializers",
@@ -32,9 +30,7 @@ __all__ = [
     "random_inputs",
     "read_npz",
     "save_onnx",
-    "session",
     "share_initializers",
-    "top1_accuracy",
     "unpack_onnx",
     "weight_refs",
 ]

@@ -10,11 +10,12 @@ import onnx
 import torch
 from onnx import helper
 
+from deepshrink.compress.quant.calibration import ChannelMeans
 from deepshrink.compress.quant.observers import make_observer
 from deepshrink.compress.quant.primitives import QuantSpec
+from deepshrink.export.onnx import ort_session
 from deepshrink.onnx_in.data import NpzInputs
 from deepshrink.onnx_in.model import graph_inputs
-from deepshrink.onnx_in.runtime import session
 
 CALIB_BATCH = 64
 
@@ -45,7 +46,7 @@ def stream_tensors(model: onnx.ModelProto, data: NpzInputs, names: list[str], ba
     """For every batch of ``data``: the values of ``names`` (graph inputs come from the feed)."""
     inputs = {i.name for i in graph_inputs(model)}
     computed = [n for n in names if n not in inputs]
-    sess = session(with_outputs(model, computed), layout=False) if computed else None
+    sess = ort_session(with_outputs(model, computed), layout=False) if computed else None
     for feed in data.batches(batch):
         values = dict(zip(computed, sess.run(computed, feed), strict=True)) if sess else {}
         values.update({n: feed[n] for n in names if n in inputs})
@@ -71,11 +72,9 @@ def _channel_sum(value: np.ndarray, axis: int) -> np.ndarray:
 
 def channel_means(model: onnx.ModelProto, data: NpzInputs, axes: dict[str, int]) -> dict[str, np.ndarray]:
     """Mean of each tensor per channel (``axes[name]`` is the channel axis) over ``data``."""
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    means = ChannelMeans()
     for values in stream_tensors(model, data, list(axes)):
         for name, value in values.items():
             axis = axes[name] % value.ndim
-            sums[name] = sums.get(name, 0) + _channel_sum(value, axis)
-            counts[name] = counts.get(name, 0) + value.size // value.shape[axis]
-    return {name: sums[name] / counts[name] for name in sums}
+            means.add(name, _channel_sum(value, axis), value.size // value.shape[axis])
+    return means.means()

@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from deepshrink.core.methods import Context, backend
 from deepshrink.encode.container import DszError, read_archive, write_archive
 from deepshrink.encode.entropy import total_entropy_bits
-from deepshrink.encode.pack import TensorStats, _code_symbols, _decode_symbols, _decode_tensor, _encode_tensor, add_streams
+from deepshrink.encode.pack import TensorStats, add_streams, code_symbols, decode_symbols, decode_tensor, encode_tensor
 from deepshrink.encode.step import Pack
 from deepshrink.onnx_in.model import OnnxModelError, check_onnx, normalize_initializers
 
@@ -71,7 +71,7 @@ def _encode_integers(name: str, values: np.ndarray, raw: bytes) -> tuple[dict, d
         low = int(flat.min())
         alphabet = int(flat.max()) - low + 1
         if alphabet <= MAX_ALPHABET:
-            codec, data = _code_symbols(flat - low, alphabet)
+            codec, data = code_symbols(flat - low, alphabet)
             if len(data) < len(raw):
                 entropy = total_entropy_bits(flat - low, alphabet)
                 stats = TensorStats(
@@ -86,7 +86,7 @@ def _encode_initializer(tensor: onnx.TensorProto) -> tuple[dict, dict[str, bytes
     if tensor.data_type == onnx.TensorProto.FLOAT:
         array = numpy_helper.to_array(tensor)
         if np.isfinite(array).all():
-            coded, streams, stats = _encode_tensor(tensor.name, torch.from_numpy(np.array(array, np.float32)))
+            coded, streams, stats = encode_tensor(tensor.name, torch.from_numpy(np.array(array, np.float32)))
             return {**entry, "float": coded}, streams, stats
         raw = array.astype("<f4").tobytes()
         return (
@@ -140,7 +140,7 @@ def _integer_values(entry: dict, streams: dict[str, bytes], numel: int, raw_dtyp
     if entry["codec"] == "raw":
         values = np.frombuffer(streams["raw"], raw_dtype)
     elif entry["codec"] == "symbols":
-        values = _decode_symbols(entry["index"], streams["symbols"]).astype(np.int64) + int(entry["offset"])
+        values = decode_symbols(entry["index"], streams["symbols"]).astype(np.int64) + int(entry["offset"])
     else:
         raise DszError(f"initializer {entry['name']!r}: unknown codec {entry['codec']!r}")
     if values.size != numel:
@@ -152,7 +152,7 @@ def _decode_initializer(entry: dict, streams: dict[str, bytes]) -> onnx.TensorPr
     name, data_type, dims = entry["name"], int(entry["data_type"]), [int(d) for d in entry["dims"]]
     numel = int(np.prod(dims, dtype=np.int64))
     if data_type == onnx.TensorProto.FLOAT:
-        array = _decode_tensor(entry["float"], streams).numpy() if "float" in entry else np.frombuffer(streams["raw"], "<f4")
+        array = decode_tensor(entry["float"], streams).numpy() if "float" in entry else np.frombuffer(streams["raw"], "<f4")
         if array.size != numel:
             raise DszError(f"initializer {name!r}: {array.size} stored values for shape {dims}")
         return numpy_helper.from_array(array.reshape(dims).astype(np.float32), name)

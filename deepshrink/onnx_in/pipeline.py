@@ -15,8 +15,9 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -27,13 +28,22 @@ import deepshrink.onnx_in.weights  # noqa: F401  (these attach the ONNX backends
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, registration, registrations
+from deepshrink.evaluate.accuracy import top1
 from deepshrink.evaluate.environment import environment
+from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.onnx_in.clean import clean_onnx
 from deepshrink.onnx_in.data import NpzInputs, random_inputs, read_npz
 from deepshrink.onnx_in.model import OnnxModelError, check_onnx, graph_inputs, load_onnx, normalize_initializers, save_onnx
-from deepshrink.onnx_in.runtime import fidelity, first_output, optimized_op_counts, top1_accuracy
-from deepshrink.pipeline.recipe import Recipe, load_recipe
+from deepshrink.onnx_in.outputs import OutputFidelity, check_output_name, compare_outputs, constant_outputs, headline, is_logit_vector
+from deepshrink.onnx_in.runtime import all_outputs, optimized_op_counts
 from deepshrink.report.tables import Column, markdown_table
+
+
+class Recipe(Protocol):
+    """What this runner reads of a loaded recipe (``pipeline.recipe.Recipe``; onnx_in sits below pipeline)."""
+
+    name: str
+    steps: tuple[tuple[str, Config], ...]
 
 
 def onnx_steps() -> list[str]:
@@ -78,8 +88,34 @@ def _initializer_counts(model: onnx.ModelProto) -> tuple[int, int]:
     return total, nonzero
 
 
-def measure_stage(label: str, model: onnx.ModelProto, data: NpzInputs, reference: np.ndarray, seconds: float, threads: int | None) -> dict:
-    outputs = first_output(model, data, threads)
+@dataclass(frozen=True)
+class Reference:
+    """The original model's outputs on the evaluation inputs, which of them no weight reaches,
+    and the output the user named (None: report the worst of the others)."""
+
+    outputs: dict[str, np.ndarray]
+    constant: dict[str, str]
+    output: str | None = None
+
+    def top1_output(self, labels: np.ndarray | None) -> str | None:
+        """The output Top-1 is measured on: the named one, else the first logit vector that depends on weights."""
+        names = [self.output] if self.output else [n for n in self.outputs if n not in self.constant]
+        return next((n for n in names if is_logit_vector(self.outputs[n], labels)), None)
+
+
+def _headline_fidelity(rows: list[OutputFidelity], reference: Reference, outputs: dict[str, np.ndarray]) -> tuple[str, dict]:
+    head = headline(rows, reference.output)
+    measured = head.fidelity or fidelity(reference.outputs[head.name], outputs[head.name])  # only constant outputs: still measure
+    return head.name, measured.to_dict()
+
+
+def measure_stage(label: str, model: onnx.ModelProto, data: NpzInputs, reference: Reference, seconds: float, threads: int | None) -> dict:
+    """Sizes, Top-1 (labels and a logit output) and fidelity on every output; the stage's ``fidelity``
+    is the named output's, else the worst over the outputs that depend on weights."""
+    outputs = all_outputs(model, data, threads)
+    rows = compare_outputs(reference.outputs, outputs, reference.constant, data.labels)
+    head, head_fidelity = _headline_fidelity(rows, reference, outputs)
+    logits = reference.top1_output(data.labels)
     params, nonzero = _initializer_counts(model)
     return {
         "stage": label,
@@ -87,19 +123,22 @@ def measure_stage(label: str, model: onnx.ModelProto, data: NpzInputs, reference
         "dsz_bytes": None,
         "initializer_values": params,
         "nonzero_values": nonzero,
-        "top1": top1_accuracy(outputs, data.labels) if data.labels is not None and outputs.ndim == 2 else None,
-        "fidelity": fidelity(reference, outputs).to_dict(),
+        "top1": top1(outputs[logits], data.labels) if logits is not None else None,
+        "fidelity": head_fidelity,
+        "fidelity_output": head,
+        "outputs": [row.to_dict() for row in rows],
         "seconds": seconds,
     }
 
 
 def _output_stage(
-    model: onnx.ModelProto, cfg: Config, tmp: Path, data: NpzInputs, reference: np.ndarray, threads: int | None
+    model: onnx.ModelProto, cfg: Config, tmp: Path, data: NpzInputs, reference: Reference, threads: int | None
 ) -> tuple[dict, Path]:
-    """Run an output step (pack) into ``tmp``; prove the restored model computes what the packed one does."""
+    """Run an output step (pack) into ``tmp``; prove the restored model computes what the packed one does, on every output."""
     start = time.perf_counter()
     restored, written = registration(cfg).onnx(model, cfg, Context(progress=False, out_dir=tmp))
-    if not np.array_equal(first_output(model, data, threads), first_output(restored, data, threads)):
+    before, after = all_outputs(model, data, threads), all_outputs(restored, data, threads)
+    if any(not np.array_equal(before[name], after[name]) for name in before):
         raise OnnxModelError("the restored model's ONNX Runtime outputs differ from the packed model's")
     row = measure_stage("packed .dsz (restored)", restored, data, reference, time.perf_counter() - start, threads)
     row["dsz_bytes"] = written["file_bytes"]
@@ -128,35 +167,38 @@ def _inputs(source: onnx.ModelProto, path: Path, npz: str | Path | None, eval_np
 
 def compress_onnx(
     path: str | Path,
-    recipe: Recipe | str | Path,
+    recipe: Recipe,
     out_dir: str | Path,
     npz: str | Path | None = None,
     progress: bool = True,
     eval_npz: str | Path | None = None,
     threads: int | None = None,
+    output: str | None = None,
 ) -> dict:
     """Run ``recipe`` on the ONNX file ``path``; ``npz`` holds calibration inputs (and labels),
-    ``eval_npz`` the evaluation inputs (default: ``npz``, else seeded random inputs). Returns the report."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    ``eval_npz`` the evaluation inputs (default: ``npz``, else seeded random inputs). Fidelity is
+    measured on every output; ``output`` names the one the report leads with (default: the worst
+    of the outputs that depend on weights). Returns the report."""
     check_steps(recipe)
     path, out_dir = Path(path), Path(out_dir)
     _outputs(out_dir, path.resolve())
     say = _say(progress)
     source = load_onnx(path)
+    check_output_name(source, output)
     calib, evaluation = _inputs(source, path, npz, eval_npz)
     if calib is None and any(getattr(c, "activation_bits", None) is not None for _, c in recipe.steps):
         raise InputError("quantize: static quantization (activation_bits set) calibrates on data: pass npz (an .npz of inputs)")
-    reference = first_output(source, evaluation, threads)
+    reference = Reference(all_outputs(source, evaluation, threads), constant_outputs(source), output)
     stages = [measure_stage("original", source, evaluation, reference, 0.0, threads)]
     fold_bn = all(getattr(cfg, "fold_bn", True) for _, cfg in recipe.steps)
     say("clean-up (onnxslim)")
     start = time.perf_counter()
-    cleaned = clean_onnx(source, evaluation, fold_bn, reference)
+    cleaned = clean_onnx(source, evaluation, fold_bn, reference.outputs)
     model = cleaned.model
     stages.append(measure_stage("cleaned (onnxslim)", model, evaluation, reference, time.perf_counter() - start, threads))
     with tempfile.TemporaryDirectory(dir=_parent(out_dir)) as tmp:
         model, dsz = _run_steps(recipe, model, calib, evaluation, reference, stages, Path(tmp), threads, say)
-        report = _report(path, recipe, stages, cleaned, model, calib, evaluation)
+        report = _report(path, recipe, stages, cleaned, model, calib, evaluation, reference)
         _finish(out_dir, model, dsz, report)
     say(f"wrote {out_dir / 'model.onnx'}" + (f" and {out_dir / 'model.dsz'}" if dsz else ""))
     return report
@@ -184,8 +226,13 @@ def _run_steps(recipe, model, calib, evaluation, reference, stages, tmp: Path, t
     return model, dsz
 
 
-def _report(path: Path, recipe: Recipe, stages: list[dict], cleaned, model, calib, evaluation) -> dict:
+def _report(path: Path, recipe: Recipe, stages: list[dict], cleaned, model, calib, evaluation, reference: Reference) -> dict:
     return {
+        "outputs": {
+            "names": list(reference.outputs),
+            "constant": reference.constant,
+            "fidelity_output": reference.output,  # None: each stage reports its worst weight-dependent output
+        },
         "source": str(path),
         "recipe": recipe.name,
         "steps": [{"kind": kind, "config": cfg.to_dict()} for kind, cfg in recipe.steps],
@@ -234,11 +281,41 @@ STAGE_COLUMNS = [
     Column(".dsz bytes", lambda r: r["dsz_bytes"], "{:,}"),
     Column("non-zero values", lambda r: f"{r['nonzero_values']:,} / {r['initializer_values']:,}"),
     Column("Top-1 %", lambda r: r["top1"], "{:.2f}"),
+    Column("fidelity output", lambda r: r["fidelity_output"]),
     Column("max abs diff", lambda r: r["fidelity"]["max_abs_diff"], "{:.3g}"),
     Column("cosine mean / min", lambda r: f"{r['fidelity']['cosine_mean']:.5f} / {r['fidelity']['cosine_min']:.5f}"),
     Column("top-1 agreement %", lambda r: r["fidelity"]["top1_agreement"], "{:.2f}"),
     Column("time s", lambda r: r["seconds"], "{:.1f}"),
 ]
+
+
+OUTPUT_COLUMNS = [
+    Column("stage", lambda r: r["stage"]),
+    Column("output", lambda r: r["name"]),
+    Column("max abs diff", lambda r: r["fidelity"]["max_abs_diff"], "{:.3g}"),
+    Column("cosine mean / min", lambda r: f"{r['fidelity']['cosine_mean']:.5f} / {r['fidelity']['cosine_min']:.5f}"),
+    Column("top-1 agreement %", lambda r: r["fidelity"]["top1_agreement"], "{:.2f}"),
+]
+
+
+def _output_rows(stages: list[dict]) -> list[dict]:
+    """(stage, output) rows for every output that depends on weights, after the original."""
+    return [{"stage": s["stage"], **o} for s in stages[1:] for o in s["outputs"] if o["fidelity"] is not None]
+
+
+def _fidelity_sentence(report: dict, data: str) -> str:
+    outputs = report["outputs"]
+    constant = "; ".join(f"`{name}` ({why})" for name, why in outputs["constant"].items())
+    lead = (
+        f"the output `{outputs['fidelity_output']}` (named by the user)"
+        if outputs["fidelity_output"]
+        else "the worst of the outputs that depend on the weights"
+    )
+    return (
+        f"Fidelity is measured against the original model on every output ({len(outputs['names'])}) on {data}; "
+        f"the stage table shows {lead}. "
+        + (f"Outputs that no weight reaches, identical whatever the weights, are left out: {constant}. " if constant else "")
+    )
 
 
 def report_markdown(report: dict) -> str:
@@ -247,23 +324,36 @@ def report_markdown(report: dict) -> str:
     data = f"{report['evaluation_samples']:,} evaluation samples" + (" with labels" if report["evaluation_labels"] else "")
     return (
         f"# {report['recipe']} on {report['source']}\n\n"
-        f"Fidelity is measured against the original model's first output on {data}; "
-        f"calibration used {report['calibration_samples']:,} samples.\n\n"
+        + _fidelity_sentence(report, data)
+        + f"Calibration used {report['calibration_samples']:,} samples.\n\n"
         + markdown_table(report["stages"], STAGE_COLUMNS)
+        + "\nEvery output that depends on the weights, per stage:\n\n"
+        + markdown_table(_output_rows(report["stages"]), OUTPUT_COLUMNS)
         + f"\nClean-up: {'kept' if clean['kept'] else 'not kept'}; ops {clean['ops_before']} -> {clean['ops_after']}; "
         f"max abs diff {clean['max_abs_diff']:.3g}. {clean['note']}\n\n"
         f"ONNX Runtime runs the final model as: {ops}.\n"
     )
 
 
-def evaluate_onnx(path: str | Path, npz: str | Path, reference: str | Path | None = None, threads: int | None = None) -> dict:
-    """Top-1 (when the .npz has labels) and, given a reference model, fidelity against it."""
+def evaluate_onnx(
+    path: str | Path, npz: str | Path, reference: str | Path | None = None, threads: int | None = None, output: str | None = None
+) -> dict:
+    """Top-1 (when the .npz has labels and an output is a logit vector) and, given a reference model,
+    fidelity against it on every output: the named ``output``'s, else the worst weight-dependent one's."""
     model = load_onnx(path)
+    check_output_name(model, output)
     data = read_npz(npz, model)
-    outputs = first_output(model, data, threads)
+    outputs = all_outputs(model, data, threads)
+    original = load_onnx(reference) if reference is not None else model
+    own = Reference(outputs, constant_outputs(original), output)  # the original graph says which outputs the weights reach
     result: dict = {"model": str(path), "samples": len(data)}
-    if data.labels is not None and outputs.ndim == 2:
-        result["top1"] = top1_accuracy(outputs, data.labels)
+    logits = own.top1_output(data.labels)
+    if logits is not None:
+        result["top1"] = top1(outputs[logits], data.labels)
+        result["top1_output"] = logits
     if reference is not None:
-        result["fidelity"] = fidelity(first_output(load_onnx(reference), data, threads), outputs).to_dict()
+        ref = Reference(all_outputs(original, data, threads), own.constant, output)
+        rows = compare_outputs(ref.outputs, outputs, ref.constant, data.labels)
+        result["fidelity_output"], result["fidelity"] = _headline_fidelity(rows, ref, outputs)
+        result["outputs"] = [row.to_dict() for row in rows]
     return result

@@ -22,8 +22,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper, version_converter
 
+from deepshrink.compress.quant.calibration import activation_spec, correct_biases, weight_qparams, weight_spec
 from deepshrink.compress.quant.config import PTQ
-from deepshrink.compress.quant.observers import make_observer
 from deepshrink.compress.quant.primitives import QuantSpec, quantize
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, backend
@@ -40,31 +40,22 @@ PER_CHANNEL_OPSET = 13  # the axis attribute of Q/DQ
 INT32 = np.iinfo(np.int32)
 
 
-def weight_spec(bits: int, axis: int, per_channel: bool = True) -> QuantSpec:
-    """Symmetric signed weights with the narrow range (-127..127 at 8 bits), as ORT's kernels prefer."""
-    return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=per_channel, axis=axis, narrow_range=True)
-
-
-def activation_spec(bits: int) -> QuantSpec:
-    return QuantSpec(bits=bits, symmetric=False, signed=False)
-
-
 @dataclass(frozen=True)
-class QuantWeight:
+class WeightCodes:
+    """A weight initializer's integer codes and scales, as the graph stores them."""
+
     codes: np.ndarray  # int8 values on the spec's grid
     scale: np.ndarray  # float32, (channels,) per channel or 0-d
     axis: int | None  # None: one scale for the tensor
 
 
-def quantize_weight(weight: np.ndarray, spec: QuantSpec, observer: str = "minmax") -> QuantWeight:
+def quantize_weight(weight: np.ndarray, spec: QuantSpec, observer: str = "minmax") -> WeightCodes:
     """Integer codes and scales of a weight (zero point 0: symmetric)."""
     w = torch.from_numpy(np.array(weight, dtype=np.float32))  # a writable copy
-    obs = make_observer(observer, spec)
-    obs.update(w)
-    scale, zero_point = obs.qparams()
+    scale, zero_point = weight_qparams(w, spec, observer)
     codes = quantize(w, scale, zero_point, spec).numpy().astype(np.int8)
     scale = scale.numpy().astype(np.float32)
-    return QuantWeight(codes, scale.reshape(-1) if spec.per_channel else scale.reshape(()), spec.axis if spec.per_channel else None)
+    return WeightCodes(codes, scale.reshape(-1) if spec.per_channel else scale.reshape(()), spec.axis if spec.per_channel else None)
 
 
 @dataclass(frozen=True)
@@ -84,7 +75,7 @@ class Layer:
 @dataclass
 class QuantState:
     layers: list[Layer]
-    weights: dict[str, QuantWeight]  # by initializer name
+    weights: dict[str, WeightCodes]  # by initializer name
     biases: dict[str, np.ndarray]  # by layer name: the float bias to write (original or corrected)
     activations: dict[str, tuple[float, int]] = field(default_factory=dict)  # Q/DQ points: (scale, zero point)
     int4: bool = False
@@ -263,27 +254,29 @@ def layer_depths(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
     return depths
 
 
-def correct_biases(float_model: onnx.ModelProto, state: QuantState, data: NpzInputs) -> float:
-    """Empirical bias correction, layer by layer in depth order (each layer sees its inputs
-    already corrected, as in the sequential PyTorch version); updates ``state.biases`` and
-    returns the mean |shift|."""
+def correct_layer_biases(float_model: onnx.ModelProto, state: QuantState, data: NpzInputs) -> float:
+    """Empirical bias correction (``calibration.correct_biases``, the PyTorch path's loop), layers
+    of one depth together so each depth sees its inputs already corrected; updates
+    ``state.biases`` and returns the mean |shift|."""
     layers = [layer for layer in state.layers if layer.bias or layer.can_add_bias]
     if not layers:
         return 0.0
     depths = layer_depths(float_model, layers)
     reference = channel_means(float_model, data, {layer.output: 1 for layer in layers})
-    shifts = []
-    for depth in sorted(set(depths.values())):
-        group = [layer for layer in layers if depths[layer.name] == depth]
+    groups = [[(layer.output, layer) for layer in layers if depths[layer.name] == depth] for depth in sorted(set(depths.values()))]
+
+    def measure(group: list[tuple[str, Layer]]) -> dict[str, np.ndarray]:
         qmodel, renamed = write_quantized(float_model, state)
-        measured = channel_means(qmodel, data, {renamed.get(layer.output, layer.output): 1 for layer in group})
-        for layer in group:
-            shift = reference[layer.output] - measured[renamed.get(layer.output, layer.output)]
-            base = state.biases.get(layer.name)
-            base = np.zeros(layer.channels, np.float32) if base is None else base
-            state.biases[layer.name] = (base.astype(np.float64) + shift).astype(np.float32)
-            shifts.append(float(np.abs(shift).mean()))
-    return float(np.mean(shifts))
+        means = channel_means(qmodel, data, {renamed.get(out, out): 1 for out, _ in group})
+        return {out: means[renamed.get(out, out)] for out, _ in group}
+
+    def shift_bias(layer: Layer, shift: np.ndarray) -> None:
+        base = state.biases.get(layer.name)
+        base = np.zeros(layer.channels, np.float32) if base is None else base
+        state.biases[layer.name] = (base.astype(np.float64) + shift).astype(np.float32)
+
+    shifts = correct_biases(groups, reference, measure, shift_bias)
+    return float(np.mean([np.abs(shift).mean() for shift in shifts]))
 
 
 # -- the step --------------------------------------------------------------------------------
@@ -335,7 +328,7 @@ def quantize_onnx(model: onnx.ModelProto, cfg: PTQ, data: NpzInputs | None = Non
         for ref in refs
     }
     state = QuantState(layers, weights, _initial_biases(model, layers), activations, int4)
-    shift = correct_biases(model, state, calib) if cfg.bias_correction and calib is not None else None
+    shift = correct_layer_biases(model, state, calib) if cfg.bias_correction and calib is not None else None
     qmodel, _ = write_quantized(model, state)
     summary = {
         "mode": "static" if static else "weight-only",

@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from deepshrink.compress.prune.masks import _exact_mask, _kth_threshold
+from deepshrink.compress.prune.masks import exact_mask, kth_threshold
 from deepshrink.compress.prune.unstructured import MagnitudePrune
 from deepshrink.compress.share import KMeansShare, kmeans_1d
 from deepshrink.core.config import Scope
@@ -132,11 +132,11 @@ def prune_initializers(model: onnx.ModelProto, cfg: MagnitudePrune) -> tuple[onn
         _finite(ref, weights[ref.node], "prune")
     magnitudes = {name: torch.from_numpy(np.abs(w)) for name, w in weights.items()}
     if cfg.granularity == "global":
-        threshold = _kth_threshold(torch.cat([m.flatten() for m in magnitudes.values()]), cfg.sparsity)
+        threshold = kth_threshold(torch.cat([m.flatten() for m in magnitudes.values()]), cfg.sparsity)
         masks = {name: m > threshold for name, m in magnitudes.items()}
     else:
         targets = _layer_targets(refs, cfg)
-        masks = {name: _exact_mask(m, targets[name]) for name, m in magnitudes.items()}
+        masks = {name: exact_mask(m, targets[name]) for name, m in magnitudes.items()}
     out, sparsity = _copy(model), {}
     for ref in refs:
         mask = masks[ref.node].numpy()

@@ -19,8 +19,8 @@ import torch
 import yaml
 from torch import nn
 
-from deepshrink.compress.quant.dynamic import quantized_bytes, quantized_layers
-from deepshrink.compress.quant.modules import quant_layers
+from deepshrink.compress.quant.dynamic import dynamic_quant_layers, quantized_bytes
+from deepshrink.compress.quant.modules import fake_quant_layers
 from deepshrink.compress.quant.storage import save_quantized_model
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import DeepShrinkError, InputError
@@ -101,7 +101,7 @@ STAGE_LABELS = {"prune": "pruned", "share": "k-means shared"}
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return bool(quant_layers(model))
+    return bool(fake_quant_layers(model))
 
 
 def stored_bytes(model: nn.Module) -> float:
@@ -110,7 +110,7 @@ def stored_bytes(model: nn.Module) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         if is_quantized(model):
             return save_quantized_model(model, Path(tmp) / "stage.safetensors")
-        if quantized_layers(model):  # dynamic int8: the codes at one byte each, as the ONNX file stores them
+        if dynamic_quant_layers(model):  # dynamic int8: the codes at one byte each, as the ONNX file stores them
             return quantized_bytes(model)
         return pack(model, Path(tmp) / "stage.dsz").fixed_width_bytes
 
@@ -118,7 +118,7 @@ def stored_bytes(model: nn.Module) -> float:
 def weight_count(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters), quantizer steps left out."""
     tensors = [p for name, p in model.named_parameters() if not name.endswith(".scale")]
-    for layer in quantized_layers(model).values():  # dynamic int8 layers hold their weights as buffers
+    for layer in dynamic_quant_layers(model).values():  # dynamic int8 layers hold their weights as buffers
         tensors += [t for t in (layer.qweight, getattr(layer, "bias", None)) if t is not None]
     return sum(p.numel() for p in tensors), sum(int(torch.count_nonzero(p)) for p in tensors)
 

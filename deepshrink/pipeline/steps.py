@@ -18,16 +18,16 @@ from torch import nn
 
 from deepshrink.compress.prune.masks import MaskHook, zero_masks
 from deepshrink.compress.prune.regularizers import Regularize
-from deepshrink.compress.quant.dynamic import quantized_layers
-from deepshrink.compress.quant.modules import quant_layers
+from deepshrink.compress.quant.dynamic import dynamic_quant_layers
+from deepshrink.compress.quant.modules import fake_quant_layers
+from deepshrink.compress.quant.onnx_dynamic import dynamic_onnx_bytes
+from deepshrink.compress.quant.onnx_qdq import quantized_onnx_bytes
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
 from deepshrink.core.files import write_atomic
 from deepshrink.core.methods import Context, Written, method, registration
 from deepshrink.evaluate.accuracy import ort_top1
 from deepshrink.export.onnx import onnx_bytes, ort_session, verify_onnx
-from deepshrink.export.onnx_dynamic import dynamic_onnx_bytes
-from deepshrink.export.qdq import quantized_onnx_bytes
 from deepshrink.models.weights import load_weights
 from deepshrink.train import TrainConfig, Trainer
 
@@ -114,9 +114,9 @@ class ExportMethod:
 
 def model_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """ONNX of any model a recipe leaves: float, fake-quant (QDQ) or dynamically quantized."""
-    if quant_layers(model):
+    if fake_quant_layers(model):
         return quantized_onnx_bytes(model, input_shape)
-    if quantized_layers(model):
+    if dynamic_quant_layers(model):
         return dynamic_onnx_bytes(model, input_shape)
     return onnx_bytes(model, input_shape)
 

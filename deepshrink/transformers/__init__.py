@@ -3,8 +3,8 @@
 Models come from a local directory or a config, never from a hub. Methods:
 dynamic int8 with a sensitivity-based fp32 fallback, attention-head and
 FFN-neuron pruning with physical removal (and optional distillation), SVD of
-the projections; ONNX export and ONNX Runtime execution; fidelity as the cosine
-of mean-pooled embeddings, and task accuracy where labels exist.
+the projections; ONNX export and ONNX Runtime execution; fidelity (``evaluate.fidelity``)
+as the cosine of mean-pooled embeddings, and task accuracy where labels exist.
 
 Importing this package does not import ``transformers``; the functions that
 need it do, and say which extra to install when it is missing.
@@ -12,8 +12,8 @@ need it do, and say which extra to install when it is missing.
 
 from deepshrink.transformers.distill import Distill, distill
 from deepshrink.transformers.export import encoder_dynamic_onnx, encoder_onnx_bytes, ort_logits, ort_outputs, ort_pooled
-from deepshrink.transformers.fallback import FallbackResult, layer_sensitivity, quantize_with_fallback
-from deepshrink.transformers.fidelity import Fidelity, accuracy, cosine_fidelity, logits_of, mean_pool, pooled_embeddings, task_accuracy
+from deepshrink.transformers.fallback import FallbackResult, quantize_with_fallback, quantized_layer_fidelity
+from deepshrink.transformers.fidelity import logits_of, mean_pool, pooled_embeddings, task_accuracy
 from deepshrink.transformers.load import (
     Batch,
     batch_sequences,
@@ -26,23 +26,19 @@ from deepshrink.transformers.load import (
     read_texts,
     tokenize,
 )
-from deepshrink.transformers.lowrank import LowRankLinear, TransformerSVD, decompose_transformer, svd_linear
+from deepshrink.transformers.lowrank import TransformerSVD, decompose_transformer
 from deepshrink.transformers.prune import TransformerPrune, attention_blocks, ffn_blocks, ffn_sizes, head_counts, prune_transformer
 
 __all__ = [
     "Batch",
     "Distill",
     "FallbackResult",
-    "Fidelity",
-    "LowRankLinear",
     "TransformerPrune",
     "TransformerSVD",
-    "accuracy",
     "attention_blocks",
     "batch_sequences",
     "bert_config",
     "check_batches",
-    "cosine_fidelity",
     "decompose_transformer",
     "distill",
     "encoder_dynamic_onnx",
@@ -50,7 +46,7 @@ __all__ = [
     "ffn_blocks",
     "ffn_sizes",
     "head_counts",
-    "layer_sensitivity",
+    "quantized_layer_fidelity",
     "load_config",
     "load_encoder",
     "load_tokenizer",
@@ -64,7 +60,6 @@ __all__ = [
     "quantize_with_fallback",
     "random_token_batches",
     "read_texts",
-    "svd_linear",
     "task_accuracy",
     "tokenize",
 ]

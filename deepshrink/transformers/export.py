@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.compress.quant.onnx_dynamic import WeightType, dynamic_onnx_from_torch
 from deepshrink.core.errors import InputError
 from deepshrink.export.onnx import OPSET, export_checked
-from deepshrink.export.onnx_dynamic import WeightType, dynamic_onnx_from_torch
 from deepshrink.transformers.fidelity import mean_pool
 from deepshrink.transformers.load import Batch, check_batches
 

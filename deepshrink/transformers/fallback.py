@@ -17,9 +17,11 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from deepshrink.compress.quant.dynamic import DynamicQuant, dynamic_targets, quantize_layers, set_module
+from deepshrink.compress.quant.dynamic import DynamicQuant, dynamic_targets, quantize_layers
 from deepshrink.core.config import check_range
-from deepshrink.transformers.fidelity import Fidelity, cosine_fidelity, pooled_embeddings
+from deepshrink.core.modules import replace_module
+from deepshrink.evaluate.fidelity import Fidelity, fidelity
+from deepshrink.transformers.fidelity import pooled_embeddings
 from deepshrink.transformers.load import Batch, check_batches
 
 MEAN_TARGET = 0.995
@@ -48,7 +50,9 @@ class FallbackResult:
         }
 
 
-def layer_sensitivity(model: nn.Module, batches: Sequence[Batch], names: Sequence[str], reduce_range: bool = False) -> dict[str, Fidelity]:
+def quantized_layer_fidelity(
+    model: nn.Module, batches: Sequence[Batch], names: Sequence[str], reduce_range: bool = False
+) -> dict[str, Fidelity]:
     """Pooled-embedding fidelity with only one layer quantized, per layer (the model is restored)."""
     reference = pooled_embeddings(model, batches)
     result = {}
@@ -56,15 +60,15 @@ def layer_sensitivity(model: nn.Module, batches: Sequence[Batch], names: Sequenc
         original = model.get_submodule(name)
         quantize_layers(model, [name], reduce_range)
         try:
-            result[name] = cosine_fidelity(reference, pooled_embeddings(model, batches))
+            result[name] = fidelity(reference, pooled_embeddings(model, batches), agreement=False)
         finally:
-            set_module(model, name, original)
+            replace_module(model, name, original)
     return result
 
 
 def _damage(fid: Fidelity, mean_target: float, min_target: float) -> float:
     """The larger share of the mean and worst-case cosine budgets one layer spends."""
-    return max((1 - fid.mean) / max(1 - mean_target, 1e-12), (1 - fid.min) / max(1 - min_target, 1e-12))
+    return max((1 - fid.cosine_mean) / max(1 - mean_target, 1e-12), (1 - fid.cosine_min) / max(1 - min_target, 1e-12))
 
 
 def quantize_with_fallback(
@@ -86,30 +90,30 @@ def quantize_with_fallback(
     model = copy.deepcopy(model).eval()
     names = dynamic_targets(model, config)
     if sensitivity is None or set(sensitivity) != set(names):
-        sensitivity = layer_sensitivity(model, batches, names, config.reduce_range)
+        sensitivity = quantized_layer_fidelity(model, batches, names, config.reduce_range)
     order = sorted(names, key=lambda n: _damage(sensitivity[n], mean_target, min_target), reverse=True)
     reference = pooled_embeddings(model, batches)
 
     def measure(m: nn.Module) -> Fidelity:
-        return cosine_fidelity(reference, pooled_embeddings(m, batches))
+        return fidelity(reference, pooled_embeddings(m, batches), agreement=False)
 
     quantized = quantize_layers(copy.deepcopy(model), names, config.reduce_range)
-    first = fidelity = measure(quantized)
+    first = current = measure(quantized)
     found, steps = [], []
     for name in order:
-        if fidelity.meets(mean_target, min_target):
+        if current.meets(mean_target, min_target):
             break
-        set_module(quantized, name, copy.deepcopy(model.get_submodule(name)))
+        replace_module(quantized, name, copy.deepcopy(model.get_submodule(name)))
         found.append(name)
-        fidelity = measure(quantized)
-        steps.append((name, fidelity))
-    if fidelity.meets(mean_target, min_target):
-        found, fidelity = _requantize_unneeded(quantized, found, fidelity, measure, (mean_target, min_target), config.reduce_range)
+        current = measure(quantized)
+        steps.append((name, current))
+    if current.meets(mean_target, min_target):
+        found, current = _requantize_unneeded(quantized, found, current, measure, (mean_target, min_target), config.reduce_range)
     final = replace(config, fallback=tuple(config.fallback) + tuple(n for n in order if n in found))
-    return quantized, FallbackResult(final, list(final.fallback), sensitivity, fidelity, first, steps)
+    return quantized, FallbackResult(final, list(final.fallback), sensitivity, current, first, steps)
 
 
-def _requantize_unneeded(quantized: nn.Module, found: list[str], fidelity: Fidelity, measure, targets, reduce_range: bool):
+def _requantize_unneeded(quantized: nn.Module, found: list[str], current: Fidelity, measure, targets, reduce_range: bool):
     """Greedy fp32 choices can overshoot: quantize each chosen layer again, largest first, where the targets still hold."""
     kept = list(found)
     for name in sorted(found, key=lambda n: -quantized.get_submodule(n).weight.numel()):
@@ -118,7 +122,7 @@ def _requantize_unneeded(quantized: nn.Module, found: list[str], fidelity: Fidel
         trial = measure(quantized)
         if trial.meets(*targets):
             kept.remove(name)
-            fidelity = trial
+            current = trial
         else:
-            set_module(quantized, name, original)
-    return kept, fidelity
+            replace_module(quantized, name, original)
+    return kept, current

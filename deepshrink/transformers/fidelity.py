@@ -3,32 +3,17 @@ mean-pooled embeddings per text, and task accuracy where labels exist.
 
 Mean pooling over the attention mask is what sentence-embedding models use, so
 the cosine between the original's and the compressed model's pooled vectors is
-the number a retrieval user sees change.
+the number a retrieval user sees change. The measure itself is ``evaluate.fidelity``.
 """
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from deepshrink.core.errors import InputError
+from deepshrink.evaluate.accuracy import top1
 from deepshrink.transformers.load import Batch, check_batches
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """Cosine similarity per sample between two sets of vectors: mean, min and count."""
-
-    mean: float
-    min: float
-    samples: int
-
-    def meets(self, mean_target: float, min_target: float) -> bool:
-        return self.mean >= mean_target and self.min >= min_target
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -37,16 +22,6 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         raise InputError(f"mean_pool: hidden {tuple(hidden.shape)} does not match attention_mask {tuple(attention_mask.shape)}")
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-def cosine_fidelity(reference: Tensor, candidate: Tensor) -> Fidelity:
-    """Per-row cosine between ``reference`` and ``candidate`` (in float64); a zero row scores 0."""
-    if reference.shape != candidate.shape or reference.dim() != 2 or reference.shape[0] == 0:
-        raise InputError(f"cosine_fidelity: need two equal non-empty 2-d shapes, got {tuple(reference.shape)} and {tuple(candidate.shape)}")
-    a, b = reference.double(), candidate.double()
-    norms = a.norm(dim=1) * b.norm(dim=1)
-    cos = torch.where(norms > 0, (a * b).sum(dim=1) / norms.clamp(min=1e-300), torch.zeros_like(norms))
-    return Fidelity(float(cos.mean()), float(cos.min()), int(cos.numel()))
 
 
 def encoder_outputs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -74,14 +49,6 @@ def logits_of(model: nn.Module, batches: Sequence[Batch]) -> Tensor:
     return torch.cat(logits).float()
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    labels = torch.as_tensor(labels).reshape(-1)
-    if logits.dim() != 2 or logits.shape[0] != labels.numel():
-        raise InputError(f"accuracy: {logits.shape[0] if logits.dim() else 0} predictions for {labels.numel()} labels")
-    return float((logits.argmax(dim=1) == labels).double().mean() * 100)
-
-
 def task_accuracy(model: nn.Module, batches: Sequence[Batch], labels: Tensor) -> float:
     """Top-1 percent of a classification model on labelled token batches."""
-    return accuracy(logits_of(model, batches), labels)
+    return top1(logits_of(model, batches), labels)

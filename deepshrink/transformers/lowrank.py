@@ -3,7 +3,8 @@
 ``W [out, in] ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T)``: a Linear becomes two, of
 ranks ``r``, which saves weights only when ``r (in + out) < in * out``; a layer
 where it would not is left alone and reported. Do this after head/neuron
-pruning, which expects plain Linear projections.
+pruning, which expects plain Linear projections. The factorisation and the rank
+choice are compress/lowrank's (``svd_linear``, ``LowRankLinear``, ``energy_rank``).
 """
 
 import copy
@@ -11,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
-from deepshrink.compress.quant.dynamic import set_module
+from deepshrink.compress.lowrank.layers import linear_singular_values, svd_linear
+from deepshrink.compress.lowrank.rank import energy_rank, fraction_rank
 from deepshrink.core.config import Config, check_range
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, method
+from deepshrink.core.modules import replace_module
 from deepshrink.transformers.prune import attention_blocks, ffn_blocks
 
 Target = Literal["ffn", "attention"]
@@ -43,36 +45,11 @@ class TransformerSVD(Config):
             raise InputError(f"targets: need some of ['ffn', 'attention'], got {list(self.targets)}")
 
 
-class LowRankLinear(nn.Sequential):
-    """``second(first(x))``: a rank-r factorisation of a Linear (bias on the second)."""
-
-    def __init__(self, first: nn.Linear, second: nn.Linear) -> None:
-        super().__init__(first, second)
-        self.in_features, self.out_features, self.rank = first.in_features, second.out_features, first.out_features
-
-
-def svd_linear(layer: nn.Linear, rank: int) -> LowRankLinear:
-    """The best rank-``rank`` approximation of ``layer`` (Eckart-Young), split evenly between the factors."""
-    if not 1 <= rank <= min(layer.in_features, layer.out_features):
-        raise InputError(f"rank must be in [1, {min(layer.in_features, layer.out_features)}], got {rank}")
-    u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    first = nn.Linear(layer.in_features, rank, bias=False)
-    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
-    first.weight.data.copy_((root[:, None] * vh[:rank]).float())
-    second.weight.data.copy_((u[:, :rank] * root).float())
-    if layer.bias is not None:
-        second.bias.data.copy_(layer.bias.detach())
-    return LowRankLinear(first, second)
-
-
-def choose_rank(weight: torch.Tensor, cfg: TransformerSVD) -> int:
-    full = min(weight.shape)
+def choose_rank(layer: nn.Linear, cfg: TransformerSVD) -> int:
+    """``rank_fraction`` of the full rank, or the energy rank: compress/lowrank's rank choice."""
     if cfg.energy is None:
-        return max(1, int(round(cfg.rank_fraction * full)))
-    s2 = torch.linalg.svdvals(weight.detach().double()).pow(2)
-    cumulative = torch.cumsum(s2, 0) / s2.sum().clamp(min=1e-300)
-    return min(full, int((cumulative < cfg.energy).sum()) + 1)
+        return fraction_rank(min(layer.weight.shape), cfg.rank_fraction)
+    return energy_rank(linear_singular_values(layer), cfg.energy)
 
 
 def target_layers(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -96,11 +73,11 @@ def decompose_transformer(model: nn.Module, cfg: TransformerSVD) -> tuple[nn.Mod
     ranks: dict[str, int | None] = {}
     for name in names:
         layer = model.get_submodule(name)
-        rank = choose_rank(layer.weight, cfg)
+        rank = choose_rank(layer, cfg)
         saves = rank * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features
         ranks[name] = rank if saves else None
         if saves:
-            set_module(model, name, svd_linear(layer, rank))
+            replace_module(model, name, svd_linear(layer, rank, name))
     return model, ranks
 
 

@@ -20,9 +20,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deepshrink.compress.prune.structured import slice_layer
 from deepshrink.core.config import Config, check_range
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, method
+from deepshrink.core.modules import replace_module
 from deepshrink.transformers.distill import Distill, distill
 from deepshrink.transformers.load import Batch, check_batches
 
@@ -169,44 +171,27 @@ def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:keep]), dtype=torch.long)
 
 
-def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear with only the given output rows / input columns."""
-    w = layer.weight.detach()
-    w = w[rows] if rows is not None else w
-    w = w[:, cols] if cols is not None else w
-    new = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
-    new.weight.data.copy_(w)
-    if layer.bias is not None:
-        new.bias.data.copy_(layer.bias.detach()[rows] if rows is not None else layer.bias.detach())
-    return new
+def _dotted(block_name: str, path: str) -> str:
+    return f"{block_name}.{path}" if block_name else path
 
 
-def _replace(parent: nn.Module, old: nn.Linear, new: nn.Linear) -> None:
-    for key, child in parent.named_children():
-        if child is old:
-            setattr(parent, key, new)
-            return
-    raise InputError(f"internal: layer not found under {type(parent).__name__}")
-
-
-def prune_heads(block: AttentionBlock, keep: torch.Tensor, parent: nn.Module) -> None:
-    """Keep only heads ``keep`` of ``block`` (``parent`` holds ``block.out``)."""
+def prune_heads(model: nn.Module, block: AttentionBlock, keep: torch.Tensor) -> None:
+    """Keep only heads ``keep`` of ``block``: rows of query/key/value, columns of the output projection."""
     d = _head_size(block)
     rows = (keep[:, None] * d + torch.arange(d)).reshape(-1)
     for key in ("query", "key", "value"):
-        setattr(block.attn, key, slice_linear(getattr(block.attn, key), rows=rows))
-    new_out = slice_linear(block.out, cols=rows)
-    _replace(parent, block.out, new_out)
-    block.out = new_out
+        replace_module(model, _dotted(block.name, f"self.{key}"), slice_layer(getattr(block.attn, key), out=rows))
+    block.out = slice_layer(block.out, inp=rows)
+    replace_module(model, _dotted(block.name, "output.dense"), block.out)
     block.attn.num_attention_heads = len(keep)
     block.attn.all_head_size = len(keep) * d
 
 
-def prune_neurons(block: FFNBlock, keep: torch.Tensor, up_parent: nn.Module, down_parent: nn.Module) -> None:
-    new_up, new_down = slice_linear(block.up, rows=keep), slice_linear(block.down, cols=keep)
-    _replace(up_parent, block.up, new_up)
-    _replace(down_parent, block.down, new_down)
-    block.up, block.down = new_up, new_down
+def prune_neurons(model: nn.Module, block: FFNBlock, keep: torch.Tensor) -> None:
+    """Keep only FFN neurons ``keep``: rows of the up projection, columns of the down projection."""
+    block.up, block.down = slice_layer(block.up, out=keep), slice_layer(block.down, inp=keep)
+    replace_module(model, _dotted(block.name, "intermediate.dense"), block.up)
+    replace_module(model, _dotted(block.name, "output.dense"), block.down)
 
 
 def kept_count(total: int, ratio: float, round_to: int = 1, minimum: int = 1) -> int:
@@ -226,17 +211,12 @@ def prune_transformer(model: nn.Module, cfg: TransformerPrune, batches: Sequence
         raise InputError(
             f"no BERT-style {'attention blocks' if cfg.heads > 0 and not heads else 'FFN blocks'} found in {type(model).__name__}"
         )
-    modules = dict(model.named_modules())
     if cfg.heads > 0:
         for block, scores in zip(heads, head_scores(model, heads, cfg.importance, batches), strict=True):
-            prune_heads(
-                block, keep_top(scores, kept_count(len(scores), cfg.heads)), modules[f"{block.name}.output" if block.name else "output"]
-            )
+            prune_heads(model, block, keep_top(scores, kept_count(len(scores), cfg.heads)))
     if cfg.neurons > 0:
         for block, scores in zip(ffns, neuron_scores(model, ffns, cfg.importance, batches), strict=True):
-            keep = keep_top(scores, kept_count(len(scores), cfg.neurons, cfg.round_to, cfg.round_to))
-            prefix = f"{block.name}." if block.name else ""
-            prune_neurons(block, keep, modules[f"{prefix}intermediate"], modules[f"{prefix}output"])
+            prune_neurons(model, block, keep_top(scores, kept_count(len(scores), cfg.neurons, cfg.round_to, cfg.round_to)))
     return model
 
 

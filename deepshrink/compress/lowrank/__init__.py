@@ -6,7 +6,6 @@ from deepshrink.compress.lowrank.decompose import (
     decompose_model,
     decompose_required,
     dense_weight,
-    replace_module,
 )
 from deepshrink.compress.lowrank.layers import (
     CPConv2d,
@@ -38,7 +37,6 @@ __all__ = [
     "dense_weight",
     "energy_rank",
     "exact_cp_rank",
-    "replace_module",
     "svd_linear",
     "svd_rank_for",
     "tucker2_factors",

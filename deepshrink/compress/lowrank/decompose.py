@@ -37,6 +37,7 @@ from deepshrink.compress.lowrank.rank import (
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError, NotApplicable
 from deepshrink.core.methods import Context, method
+from deepshrink.core.modules import replace_module
 from deepshrink.train import TrainConfig
 
 
@@ -239,14 +240,6 @@ def decompose_model(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[L
         if new is not None:
             model = replace_module(model, name, new)
     return model, records
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``name`` was; the model itself when it is the layer."""
-    if name == "":
-        return new
-    model.set_submodule(name, new)
-    return model
 
 
 def decompose_required(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[LayerDecomposition]]:

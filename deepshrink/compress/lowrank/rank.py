@@ -15,6 +15,11 @@ from scipy.optimize import minimize_scalar
 from deepshrink.core.errors import InputError
 
 
+def fraction_rank(full_rank: int, fraction: float) -> int:
+    """``fraction`` of the full rank, rounded, at least 1."""
+    return max(1, int(round(fraction * full_rank)))
+
+
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest r whose leading singular values hold ``energy`` of the total squared sum."""
     if not 0 < energy <= 1:

@@ -18,7 +18,7 @@ from deepshrink.train import TrainHook
 Masks = dict[str, torch.Tensor]
 
 
-def _kth_threshold(values: torch.Tensor, sparsity: float) -> float:
+def kth_threshold(values: torch.Tensor, sparsity: float) -> float:
     """Magnitude below which ``sparsity`` of ``values`` fall (exact count via kthvalue)."""
     k = int(round(sparsity * values.numel()))
     if k == 0:
@@ -54,17 +54,17 @@ def magnitude_masks(
         if not torch.isfinite(w).all():
             raise InputError(f"layer {name!r} has NaN or infinite weights; cannot rank them by magnitude")
     if granularity == "global":
-        threshold = _kth_threshold(torch.cat([w.flatten() for w in weights.values()]), sparsity)
+        threshold = kth_threshold(torch.cat([w.flatten() for w in weights.values()]), sparsity)
         return {name: w > threshold for name, w in weights.items()}
     masks = {}
     for name, w in weights.items():
         s = (layer_sparsity or {}).get(name, sparsity)
         check_range(f"layer_sparsity[{name}]", s, 0.0, 1.0)
-        masks[name] = _exact_mask(w, s)
+        masks[name] = exact_mask(w, s)
     return masks
 
 
-def _exact_mask(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
+def exact_mask(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune exactly round(sparsity * n) weights, breaking magnitude ties by position."""
     k = int(round(sparsity * magnitude.numel()))
     mask = torch.ones(magnitude.numel(), dtype=torch.bool)

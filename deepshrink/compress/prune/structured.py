@@ -21,6 +21,7 @@ from deepshrink.compress.prune.importance import CRITERIA, GRADIENT_CRITERIA, ch
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, method
+from deepshrink.core.modules import replace_module
 from deepshrink.data.datasets import iterate_batches
 from deepshrink.train import TrainConfig, Trainer
 
@@ -113,7 +114,7 @@ def prune_channels(model: nn.Module, groups: list[ChannelGroup], keep_indices: K
     """
     masks = _keep_masks(dict(model.named_modules()), groups, keep_indices)
     for name, axes in masks.items():
-        model = _replace(model, name, _rebuild(name, model.get_submodule(name), axes))
+        model = replace_module(model, name, _rebuild(name, model.get_submodule(name), axes))
     return model
 
 
@@ -165,33 +166,40 @@ def _width(module: nn.Module, axis: str) -> int:
     raise InputError(f"cannot prune the {axis} channels of a {type(module).__name__}")
 
 
-def _kept(mask: torch.Tensor | None, width: int) -> torch.Tensor:
-    return torch.arange(width) if mask is None else mask.nonzero().flatten()
+def _kept(indices: torch.Tensor | None, width: int) -> torch.Tensor:
+    return torch.arange(width) if indices is None else indices
 
 
 def _rebuild(name: str, old: nn.Module, axes: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh layer of the same type holding the kept slices of the old one's tensors."""
+    """A fresh layer of the same type holding the kept slices (boolean masks ``axes``) of the old one's tensors."""
+    return slice_layer(old, *(None if axes.get(a) is None else axes[a].nonzero().flatten() for a in ("out", "in")), name=name)
+
+
+def slice_layer(old: nn.Module, out: torch.Tensor | None = None, inp: torch.Tensor | None = None, name: str = "layer") -> nn.Module:
+    """A fresh Conv2d/Linear/BatchNorm of ``old``'s type, mode, device and dtype holding only the output
+    channels ``out`` and input channels ``inp`` (index tensors; None keeps them all): the one channel
+    slicer of structured pruning and transformer head/neuron pruning."""
     if type(old) is nn.Conv2d:
-        new = _rebuild_conv(name, old, axes)
+        new = _rebuild_conv(name, old, out, inp)
     elif type(old) is nn.Linear:
-        out, inp = _kept(axes.get("out"), old.out_features), _kept(axes.get("in"), old.in_features)
+        out, inp = _kept(out, old.out_features), _kept(inp, old.in_features)
         new = nn.Linear(len(inp), len(out), old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         _copy(new, old, out, inp)
     elif type(old) in (nn.BatchNorm1d, nn.BatchNorm2d):
-        new = _rebuild_bn(old, _kept(axes.get("out"), old.num_features))
+        new = _rebuild_bn(old, _kept(out, old.num_features))
     else:
         raise InputError(f"cannot rebuild layer {name!r} of type {type(old).__name__}")
     return new.train(old.training)
 
 
-def _rebuild_conv(name: str, old: nn.Conv2d, axes: dict[str, torch.Tensor]) -> nn.Conv2d:
+def _rebuild_conv(name: str, old: nn.Conv2d, out: torch.Tensor | None, inp: torch.Tensor | None) -> nn.Conv2d:
     depthwise = old.groups > 1 and old.groups == old.in_channels == old.out_channels
     if old.groups > 1 and not depthwise:
         raise InputError(f"{name}: grouped conv (groups={old.groups}) cannot be pruned")
-    out = _kept(axes.get("out"), old.out_channels)
-    if depthwise and "in" in axes:
+    out = _kept(out, old.out_channels)
+    if depthwise and inp is not None:
         raise InputError(f"{name}: a depthwise conv's input channels follow its output channels")
-    inp = out if depthwise else _kept(axes.get("in"), old.in_channels)
+    inp = out if depthwise else _kept(inp, old.in_channels)
     new = nn.Conv2d(
         len(inp),
         len(out),
@@ -237,15 +245,6 @@ def _rebuild_bn(old: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.
     return new
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``name`` was, via setattr on its parent module."""
-    if not name:
-        return new
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return model
-
-
 # -- block removal ----------------------------------------------------------------------
 def remove_blocks(model: nn.Module, names: str | Sequence[str], example_input: torch.Tensor | None = None) -> nn.Module:
     """Replace blocks whose output has their input's shape (e.g. residual blocks with an
@@ -265,7 +264,7 @@ def remove_blocks(model: nn.Module, names: str | Sequence[str], example_input: t
             raise InputError(f"block {name!r} maps shape {i} to {o}; only blocks whose input and output shapes match can be removed")
     for name in names:
         if not any(name.startswith(other + ".") for other in names):  # an enclosing block already goes
-            model = _replace(model, name, nn.Identity())
+            model = replace_module(model, name, nn.Identity())
     return model
 
 

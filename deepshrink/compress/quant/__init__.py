@@ -4,7 +4,7 @@ mixed precision, packed low-bit storage and QDQ export for ONNX Runtime."""
 from deepshrink.compress.quant.config import PTQ, QAT, MixedPrecision
 from deepshrink.compress.quant.dynamic import DynamicQuant, quantize_dynamic
 from deepshrink.compress.quant.mixed import allocate_bits, bit_sensitivity, plan_bits
-from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, act_quantizers, quant_layers, set_quantization
+from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, act_quantizers, fake_quant_layers, set_quantization
 from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.compress.quant.ptq import correct_bias, layer_report, ptq
 from deepshrink.compress.quant.qat import prepare_qat, qat
@@ -30,8 +30,8 @@ __all__ = [
     "prepare_qat",
     "ptq",
     "qat",
+    "fake_quant_layers",
     "quantize_dynamic",
-    "quant_layers",
     "save_quantized_model",
     "set_quantization",
 ]

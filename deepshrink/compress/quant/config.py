@@ -5,7 +5,7 @@ from typing import Literal
 
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
-from deepshrink.evaluate.environment import cpu_has_vnni
+from deepshrink.core.hardware import cpu_has_vnni
 from deepshrink.train import TrainConfig
 
 

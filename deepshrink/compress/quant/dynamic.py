@@ -7,7 +7,7 @@ with an asymmetric range that always contains zero: exactly ONNX's
 to even, ``x / scale`` rounded half to even). The integer product is exact and
 is rescaled by ``activation_scale * weight_scale`` as ONNX Runtime's fused
 ``DynamicQuantizeMatMul`` does, so the fidelity measured on the torch model is
-the fidelity ONNX Runtime delivers (see ``deepshrink.export.onnx_dynamic``).
+the fidelity ONNX Runtime delivers (see ``deepshrink.compress.quant.onnx_dynamic``).
 
 The arithmetic lives here rather than in ``primitives`` on purpose: it must
 match ORT's rounding (division by the scale, not multiplication by its
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method, method
+from deepshrink.core.modules import replace_module
 
 ACT_QMAX = 255  # uint8 activations
 _EXACT_FLOAT32 = 2**24  # integer sums below this are exact in float32
@@ -155,13 +156,6 @@ QUANTIZED_TYPES = (DynamicQuantLinear, DynamicQuantEmbedding)
 
 
 # -- model surgery ----------------------------------------------------------------------
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def dynamic_targets(model: nn.Module, cfg: DynamicQuant) -> list[str]:
     """Names of the layers ``cfg`` quantizes, in model order (fallback layers left out)."""
     names = []
@@ -177,9 +171,9 @@ def quantize_layers(model: nn.Module, names: list[str], reduce_range: bool = Fal
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            set_module(model, name, DynamicQuantLinear.from_linear(module, reduce_range))
+            replace_module(model, name, DynamicQuantLinear.from_linear(module, reduce_range))
         elif isinstance(module, nn.Embedding):
-            set_module(model, name, DynamicQuantEmbedding.from_embedding(module))
+            replace_module(model, name, DynamicQuantEmbedding.from_embedding(module))
         else:
             raise InputError(f"layer {name!r} is a {type(module).__name__}; dynamic quantization takes Linear or Embedding")
     return model
@@ -203,7 +197,7 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicQuant | None = None) -> nn.Mo
     return apply_method(model, cfg or DynamicQuant())
 
 
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+def dynamic_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
 
 
@@ -211,11 +205,11 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """A float copy whose Linear/Embedding weights equal the int8 codes times their scales.
 
     It is what gets exported to ONNX before the graph is rewritten with the very
-    same codes and scales (``deepshrink.export.onnx_dynamic``).
+    same codes and scales (``deepshrink.compress.quant.onnx_dynamic``).
     """
     proxy = copy.deepcopy(model)
-    for name, module in quantized_layers(proxy).items():
-        set_module(proxy, name, _float_layer(module))
+    for name, module in dynamic_quant_layers(proxy).items():
+        replace_module(proxy, name, _float_layer(module))
     return proxy
 
 
@@ -234,7 +228,7 @@ def _float_layer(module: nn.Module) -> nn.Module:
 def parameter_count(model: nn.Module) -> int:
     """Parameters, counting an int8 layer's codes and bias as the parameters they replace (not its scales)."""
     count = sum(p.numel() for p in model.parameters())
-    for layer in quantized_layers(model).values():
+    for layer in dynamic_quant_layers(model).values():
         count += layer.qweight.numel() + (layer.bias.numel() if getattr(layer, "bias", None) is not None else 0)
     return count
 

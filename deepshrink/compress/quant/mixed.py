@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.compress.quant.calibration import weight_spec
 from deepshrink.compress.quant.config import MixedPrecision, resolve_reduce_range
-from deepshrink.compress.quant.modules import quant_layers
-from deepshrink.compress.quant.prepare import calibrate, prepare, weight_spec
+from deepshrink.compress.quant.modules import fake_quant_layers
+from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.compress.quant.ptq import calibration_batches
 from deepshrink.compress.quant.qat import prepare_qat, qat
 from deepshrink.compress.quant.storage import save_quantized_model
@@ -46,7 +47,7 @@ FISHER_BATCH = 32  # small batches: the squared batch gradient then approximates
 
 def fisher_diagonal(qmodel: nn.Module, val: ImageSet) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the validation loss w.r.t. each quantized layer's weight."""
-    layers = dict(quant_layers(qmodel))
+    layers = dict(fake_quant_layers(qmodel))
     weights = [layer.weight for layer in layers.values()]
     totals = [torch.zeros_like(w) for w in weights]
     batches = 0
@@ -85,7 +86,7 @@ def bit_sensitivity(
             return max(0.0, evaluate_accuracy(qmodel, val).loss - base)
 
     result: dict[str, dict[int, float]] = {}
-    for name, layer in quant_layers(qmodel):
+    for name, layer in fake_quant_layers(qmodel):
         quant = layer.weight_quant
         saved = (quant.spec, quant.scale.detach().clone())
         result[name] = {}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from deepshrink.compress.quant.calibration import weight_qparams
 from deepshrink.compress.quant.observers import MovingAverageObserver, make_observer
 from deepshrink.compress.quant.primitives import SCALE_EPS, QuantSpec, fake_quantize_ste, lsq_fake_quantize
 
@@ -117,9 +118,7 @@ class QuantWeight(nn.Module):
         self.register_buffer("zero_point", torch.zeros(out_channels, dtype=torch.int32))
 
     def calibrate(self, weight: torch.Tensor, observer: str = "minmax") -> None:
-        obs = make_observer(observer, self.spec)
-        obs.update(weight.detach())
-        scale, zero_point = obs.qparams()
+        scale, zero_point = weight_qparams(weight, self.spec, observer)
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
@@ -256,7 +255,7 @@ class QuantLinear(_QuantizedWeightMixin, nn.Linear):
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 
-def quant_layers(model: nn.Module):
+def fake_quant_layers(model: nn.Module):
     """(name, layer) for every weight-quantized layer, in model order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
 
@@ -268,7 +267,7 @@ def act_quantizers(model: nn.Module) -> list[ActQuant]:
 @contextmanager
 def frozen_for_export(model: nn.Module) -> Iterator[None]:
     """Weights quantized once, as constants, for the duration of an ONNX export."""
-    layers = quant_layers(model)
+    layers = fake_quant_layers(model)
     for _, layer in layers:
         layer.weight_quant.freeze(layer.weight)
     try:

@@ -20,11 +20,13 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, quant_layers
+from deepshrink.compress.quant.calibration import activation_spec, weight_spec
+from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, fake_quant_layers
 from deepshrink.compress.quant.primitives import QuantSpec
 from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
+from deepshrink.core.modules import replace_module
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RELU_MODULES = (nn.ReLU,)
@@ -35,15 +37,6 @@ ALL_LAYERS = Scope()
 GRID_KEEPING_METHODS = {"view", "reshape", "flatten", "relu", "contiguous"}
 AVERAGE_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 AVERAGE_POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d}
-
-
-def weight_spec(bits: int) -> QuantSpec:
-    """Symmetric signed per-output-channel weights; narrow range keeps -128 unused, as ONNX Runtime prefers."""
-    return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=True, axis=0, narrow_range=True)
-
-
-def activation_spec(bits: int) -> QuantSpec:
-    return QuantSpec(bits=bits, symmetric=False, signed=False)
 
 
 def prepare(
@@ -96,8 +89,7 @@ def _swap_layers(gm: fx.GraphModule, original: nn.Module, weight_bits, scope: Sc
         bits = _per_layer(weight_bits, name, 8)
         spec = weight_spec(min(bits, 7) if reduce_range else bits)
         new = cls.from_float(gm.get_submodule(name), spec, _per_layer(quantizer, name, "fixed"))
-        parent, _, child = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, child, new)
+        replace_module(gm, name, new)
         swapped.append(name)
     return swapped
 
@@ -211,13 +203,13 @@ def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_observer: str = "minmax") -> int:
     """Observe activations on fp32 weights, then fix every quantizer's step. Returns samples seen."""
     model.eval()
-    for _, layer in quant_layers(model):
+    for _, layer in fake_quant_layers(model):
         layer.weight_quant.enabled = False
     seen = 0
     for batch in batches:
         model(batch)
         seen += len(batch)
-    for _, layer in quant_layers(model):
+    for _, layer in fake_quant_layers(model):
         layer.weight_quant.calibrate(layer.weight, weight_observer)
         layer.weight_quant.enabled = True
     for quantizer in act_quantizers(model):

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from deepshrink.compress.quant.calibration import ChannelMeans, correct_biases
 from deepshrink.compress.quant.config import PTQ, resolve_reduce_range
-from deepshrink.compress.quant.modules import quant_layers, set_quantization
+from deepshrink.compress.quant.modules import fake_quant_layers, set_quantization
 from deepshrink.compress.quant.prepare import calibrate, prepare
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, method
@@ -59,15 +60,13 @@ class _StopForward(Exception):
 def _mean_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-output-channel mean of each layer's output over the batches; the
     forward pass stops as soon as every layer has been seen."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    means = ChannelMeans()
     seen: set[str] = set()
 
     def hook(name):
         def record(_module, _inputs, output):
             channels = output.transpose(0, 1).flatten(1)  # (C, N*H*W)
-            sums[name] = sums.get(name, 0) + channels.sum(1)
-            counts[name] = counts.get(name, 0) + channels.shape[1]
+            means.add(name, channels.sum(1), channels.shape[1])
             seen.add(name)
             if len(seen) == len(layers):
                 raise _StopForward
@@ -83,7 +82,7 @@ def _mean_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    return means.means()
 
 
 @torch.no_grad()
@@ -95,20 +94,23 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor], samples: int = B
     ranges were calibrated on the uncorrected model, and folding their clipping
     error into biases (KL-calibrated ranges clip hard) broke resnet20 (9% Top-1).
     A per-channel mean over ``samples`` images x positions is estimated well,
-    and each layer costs a forward pass up to that layer."""
+    and each layer costs a forward pass up to that layer. The loop is ``calibration.correct_biases``,
+    shared with the ONNX backend."""
     batches = list(CalibrationSet(batches, max_samples=samples))
-    layers = quant_layers(model)
+    layers = fake_quant_layers(model)
     set_quantization(model, False)
     reference = _mean_outputs(model, layers, batches)
     set_quantization(model, True, activations=False)
     try:
-        for name, layer in layers:
-            shift = reference[name] - _mean_outputs(model, [(name, layer)], batches)[name]
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros_like(shift))
-            layer.bias += shift
+        correct_biases([[entry] for entry in layers], reference, lambda group: _mean_outputs(model, group, batches), _shift_bias)
     finally:
         set_quantization(model, True)
+
+
+def _shift_bias(layer: nn.Module, shift: torch.Tensor) -> None:
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros_like(shift))
+    layer.bias += shift
 
 
 # -- error report --------------------------------------------------------------
@@ -123,7 +125,7 @@ def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 @torch.no_grad()
 def layer_report(model: nn.Module, batch: torch.Tensor) -> list[dict]:
     """Per layer: weight bits, weight SQNR and output SQNR (dB) of the quantized model vs float."""
-    layers = quant_layers(model)
+    layers = fake_quant_layers(model)
     outputs: dict[str, dict[str, torch.Tensor]] = {"float": {}, "quant": {}}
 
     def run(kind: str) -> None:

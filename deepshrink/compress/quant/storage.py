@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepshrink.compress.quant.modules import ActQuant, quant_layers
+from deepshrink.compress.quant.modules import ActQuant, fake_quant_layers
 from deepshrink.compress.quant.packing import QuantizedTensor, load_quantized, save_quantized
 from deepshrink.core.errors import InputError
 
@@ -27,7 +27,7 @@ def _float_state(model: nn.Module, coded: set[str]) -> dict[str, torch.Tensor]:
 def save_quantized_model(model: nn.Module, path: str | Path) -> int:
     """Write a fake-quant model's weights as packed integer codes; returns bytes on disk."""
     quantized = {}
-    for name, layer in quant_layers(model):
+    for name, layer in fake_quant_layers(model):
         codes, scale, zero_point = layer.weight_quant.codes(layer.weight)
         spec = layer.weight_quant.spec
         if layer.weight_quant.quantizer in ("binary", "ternary"):  # codes in {-1, 0, 1}: 2 bits suffice
@@ -43,7 +43,7 @@ def load_quantized_model(model: nn.Module, path: str | Path) -> nn.Module:
     """Load codes saved by ``save_quantized_model`` into ``model`` (prepared the
     same way); weights become the dequantized values, which re-quantize exactly."""
     quantized, floats, _ = load_quantized(path)
-    layers = dict(quant_layers(model))
+    layers = dict(fake_quant_layers(model))
     for key, tensor in quantized.items():
         name = key.removesuffix(".weight")
         if name not in layers:

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, method
+from deepshrink.core.modules import replace_module
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -83,18 +84,13 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
         layer.bias.copy_(new_bias.to(layer.bias.dtype))
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every foldable BatchNorm folded into its conv/linear and replaced by
     nn.Identity; other BatchNorms stay. The caller's model is not modified."""
     folded = copy.deepcopy(model).eval()
     for layer_name, bn_name in foldable_pairs(folded):
         _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
-        _replace(folded, bn_name, nn.Identity())
+        replace_module(folded, bn_name, nn.Identity())
     return folded
 
 

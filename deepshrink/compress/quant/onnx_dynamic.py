@@ -31,7 +31,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from deepshrink.compress.quant.dynamic import dequantized_copy, quantize_per_channel, quantized_layers
+from deepshrink.compress.quant.dynamic import dequantized_copy, dynamic_quant_layers, quantize_per_channel
 from deepshrink.core.errors import InputError
 from deepshrink.export.names import NameGen
 from deepshrink.export.onnx import check_exported, onnx_bytes
@@ -281,7 +281,7 @@ def torch_policy(model: nn.Module) -> Policy:
     int8 layer, the float weight ``q * scale``; any other weight stays fp32.
     """
     table: dict[tuple, tuple[Kind, QuantizedWeight]] = {}
-    for module in quantized_layers(model).values():
+    for module in dynamic_quant_layers(model).values():
         kind: Kind = "matmul" if hasattr(module, "in_features") else "gather"
         qw = QuantizedWeight(module.qweight.numpy(), module.scale.numpy())
         table[_key(module.dequantized_weight().numpy())] = (kind, qw)
@@ -297,7 +297,7 @@ def dynamic_onnx_from_torch(
     model: nn.Module, export: Callable[[nn.Module], bytes], weight_type: WeightType = "uint8", report: RewriteReport | None = None
 ) -> bytes:
     """Export a ``DynamicQuant`` model: ``export`` writes the float proxy, the rewrite uses the model's int8 codes."""
-    if not quantized_layers(model):
+    if not dynamic_quant_layers(model):
         raise InputError("the model has no dynamically quantized layers; apply DynamicQuant first")
     proxy = dequantized_copy(model)
     return quantize_onnx_dynamic(export(proxy), torch_policy(model), weight_type, report).SerializeToString()

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
+from deepshrink.compress.quant.modules import frozen_for_export
 from deepshrink.export.onnx import OPSET, ExportError, check_exported, onnx_bytes, write_atomic
 
 
@@ -24,8 +25,6 @@ def export_quantized_onnx(model: nn.Module, path: str | Path, input_shape: tuple
 
 
 def quantized_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET) -> bytes:
-    from deepshrink.compress.quant.modules import frozen_for_export  # export sits below compress; import at use
-
     with frozen_for_export(model):
         proto = onnx.load_from_string(onnx_bytes(model, input_shape, opset, constant_folding=False))
     _constants_to_initializers(proto.graph)
