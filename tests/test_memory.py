@@ -6,11 +6,10 @@ import sys
 import pytest
 import torch
 
-from deepshrink import PTQ, create_model, export_onnx, quantize
+from deepshrink import PTQ, create_model, export_onnx, export_quantized_onnx, quantize
 from deepshrink.compress.prune import ChannelPrune
 from deepshrink.core.methods import apply_method
 from deepshrink.evaluate.memory import PeakRSS, ort_memory
-from deepshrink.export.qdq import export_quantized_onnx
 
 pytestmark = [pytest.mark.flow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures /proc")]
 SHAPE = (1, 28, 28)
