@@ -56,7 +56,8 @@ class Budget:
 
 BUDGETS = {
     # Pruning from a trained model needs a few epochs to recover: at one epoch on 2,000 images resnet20
-    # ended at 30.6% (90% unstructured) and 56.6% (50% of channels) Top-1.
+    # ended at 30.6% (90% unstructured) and 56.6% (50% of channels) Top-1; at 3 and 5 epochs at 90.4%
+    # and 89.2% (fp32 93.6%). KD students trained from scratch stay "not converged" at this budget.
     "quick": Budget(
         "quick",
         ("lenet5", "resnet20"),
