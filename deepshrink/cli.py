@@ -31,6 +31,23 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch/ORT intra-op threads (default: torch's)")
 
 
+# Commands that train or calibrate: each takes --device and, under torchrun, --dist-backend.
+DEVICE_COMMANDS = ("train", "compress", "prune", "distill", "decompose", "quantize", "auto", "transformer", "study")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    from deepshrink.distributed import BACKENDS, DEVICE_NAMES
+
+    p.add_argument(
+        "--device",
+        default=None,
+        help=f"where training, calibration and validation run: {DEVICE_NAMES} (default: each config's, auto = CUDA when available); files written never depend on it",
+    )
+    p.add_argument(
+        "--dist-backend", default="auto", choices=BACKENDS, help="under torchrun: gloo (CPU) or nccl (GPUs); auto picks by device"
+    )
+
+
 def _load_data(args, **kwargs):
     from deepshrink.data import load_data
 
@@ -121,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="ORT latency runs at batch 64")
     p.add_argument("--no-progress", action="store_true")
     _add_family_commands(sub)
+    for name in DEVICE_COMMANDS:
+        if name in sub.choices:
+            add_device_args(sub.choices[name])
     return parser
 
 
@@ -590,11 +610,15 @@ def _size_kwargs(name: str, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepshrink.distributed import command_context, world_from_env
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with command_context(args):  # --device, torchrun's process group; only rank 0 writes
+            return COMMANDS[args.command](args)
     except DeepShrinkError as exc:
-        print(f"deepshrink: error: {exc}", file=sys.stderr)
+        if world_from_env().is_main:  # under torchrun every rank fails alike: one line, not N
+            print(f"deepshrink: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deepshrink: interrupted", file=sys.stderr)

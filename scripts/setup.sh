@@ -30,6 +30,6 @@ fi
 STAMP=.venv/.deepshrink-installed
 if [ ! -f "$STAMP" ] || [ constraints.txt -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "setup: installing pinned dependencies (torch 2.13.0 CPU from local disk)"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench,transformers]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench,transformers,distributed]"
   touch "$STAMP"
 fi

@@ -18,6 +18,15 @@ def add_commands(sub) -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist", "cifar10", "npz"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--executor",
+        choices=["process", "ray"],
+        default="process",
+        help="process: a local pool; ray: Ray tasks (pip install 'deepshrink[distributed]')",
+    )
+    p.add_argument(
+        "--address", default=None, help="with --executor ray: the cluster (HOST:PORT, ray://HOST:PORT or auto); default: a local Ray"
+    )
 
 
 @command("study")
@@ -37,6 +46,9 @@ def _study(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         data_dir=args.data_dir,
         progress=not args.no_progress,
+        executor=args.executor,
+        address=args.address,
+        device=args.device,
     )
     print_table(result.rows, STUDY_COLUMNS, title=f"study ({budget.name}), {result.wall_s / 60:.1f} min")
     failed = [r for r in result.rows if not finished(r)]

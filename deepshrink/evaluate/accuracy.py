@@ -31,7 +31,9 @@ def evaluate_accuracy(model: nn.Module, data: ImageSet, batch_size: int = 500) -
     model.eval()
     correct1 = correct5 = 0
     loss_sum = 0.0
+    device = next(model.parameters(), torch.empty(0)).device  # a model on a GPU is measured there
     for x, y in iterate_batches(data, batch_size):
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

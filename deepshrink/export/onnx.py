@@ -4,6 +4,7 @@ Exports go through ``onnx.checker`` (full check, with shape inference) and are
 written atomically; ``verify_onnx`` compares ORT's output with torch's.
 """
 
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -47,7 +48,10 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSE
 
 def export_checked(module: nn.Module, example: tuple, what: str, **options) -> bytes:
     """``torch.onnx.export`` (TorchScript exporter) in eval mode to bytes, then ``onnx.checker``'s full
-    check; a failure of either is one ``ExportError`` line naming ``what``. The module's mode is restored."""
+    check; a failure of either is one ``ExportError`` line naming ``what``. The module's mode is restored.
+    A module on a GPU exports from a CPU copy: the file never depends on where the model trained."""
+    if any(t.device.type != "cpu" for t in (*module.parameters(), *module.buffers())):
+        module = copy.deepcopy(module).cpu()
     was_training = module.training
     module.eval()
     buffer = io.BytesIO()

@@ -13,7 +13,7 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +81,7 @@ class Cell:
     threads: int
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
+    device: str | None = None  # where the cell trains (None: each recipe's own, auto)
 
     @property
     def key(self) -> str:
@@ -129,7 +130,7 @@ def finished(row: dict) -> bool:
 def run_cell(cell: Cell) -> dict:
     """Run one model x method and measure it; never raises (a failure is the row's status)."""
     start = time.perf_counter()
-    row = {"model": cell.model, "method": cell.method, "recipe": cell.recipe, "budget": cell.budget.name}
+    row = _row_of(cell)
     try:
         row.update(_measure_cell(cell))
         row["status"] = "ok"
@@ -144,8 +145,18 @@ def run_cell(cell: Cell) -> dict:
     return row
 
 
+def _row_of(cell: Cell) -> dict:
+    return {"model": cell.model, "method": cell.method, "recipe": cell.recipe, "budget": cell.budget.name}
+
+
+def failed_row(cell: Cell, status: str) -> dict:
+    """The row of a cell whose process died before it could answer (its error is the status)."""
+    return {**_row_of(cell), "status": f"error: {status}", "wall_s": None}
+
+
 def _measure_cell(cell: Cell) -> dict:
     from deepshrink.data.datasets import load_data
+    from deepshrink.distributed import launch
     from deepshrink.evaluate.memory import PeakRSS
     from deepshrink.models import architecture_of, create_model
     from deepshrink.pipeline.runner import run_recipe
@@ -155,7 +166,7 @@ def _measure_cell(cell: Cell) -> dict:
     recipe = budgeted_recipe(cell.recipe, cell.budget)
     model = create_model(cell.model, pretrained=True)
     run_dir = Path(cell.out_dir) / "runs" / f"{cell.model}-{recipe.name}"
-    with PeakRSS() as steps_peak:  # above torch + dataset + model: what the steps themselves add
+    with launch(cell.device), PeakRSS() as steps_peak:  # peak above torch + dataset + model: what the steps add
         result = run_recipe(model, recipe, data, run_dir, architecture_of(cell.model), progress=False, model_name=cell.model)
     return _cell_metrics(model, result, data, cell) | {"steps_peak_mb": steps_peak.mb}
 
@@ -238,7 +249,13 @@ def run_study(
     dataset: str = "fashion-mnist",
     data_dir: str | None = None,
     progress: bool = True,
+    executor: str = "process",
+    address: str | None = None,
+    device: str | None = None,
 ) -> StudyResult:
+    """``executor``: ``process`` (a local pool, the default) or ``ray`` (tasks on a local Ray, or
+    on the cluster at ``address``). Either way each finished cell is one line of ``cells.jsonl``."""
+    from deepshrink.distributed import check_device_name
     from deepshrink.models import list_models
 
     models = models or budget.models
@@ -248,19 +265,32 @@ def run_study(
     methods = methods or dict(STUDY_METHODS)
     for recipe in methods.values():
         budgeted_recipe(recipe, budget)  # every recipe validates before any cell starts
+    if executor not in EXECUTORS:
+        raise InputError(f"--executor {executor!r}: use {' or '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise InputError("--address names a Ray cluster: use it with --executor ray")
+    if device is not None:
+        check_device_name(device)
+    if executor == "ray":  # launch problems end here, before the study folder exists
+        from deepshrink.pipeline.ray_executor import check_address, check_device, import_ray
+
+        import_ray()
+        check_device(device)
+        if address is not None:
+            check_address(address)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells_path = out_dir / "cells.jsonl"
     done = {f"{r['model']}/{r['method']}": r for r in read_cells(cells_path) if r.get("budget") == budget.name and finished(r)}
     todo = [
-        Cell(m, method, recipe, budget, str(out_dir), threads, dataset, data_dir)
+        Cell(m, method, recipe, budget, str(out_dir), threads, dataset, data_dir, device)
         for m in models
         for method, recipe in methods.items()
         if f"{m}/{method}" not in done
     ]
     workers = workers or default_workers(threads)
     start = time.perf_counter()
-    for row in _run_cells(todo, workers, progress):
+    for row in _run_cells(todo, workers, progress, executor, address):
         with cells_path.open("a") as handle:  # one line per finished cell: the resume point
             handle.write(json.dumps(row) + "\n")
         done[f"{row['model']}/{row['method']}"] = row
@@ -270,21 +300,46 @@ def run_study(
     return result
 
 
-def _run_cells(cells: list[Cell], workers: int, progress: bool):
-    """Yield each cell's row as it finishes; a fresh spawned process per cell."""
+EXECUTORS = ("process", "ray")
+
+
+def _run_cells(cells: list[Cell], workers: int, progress: bool, executor: str = "process", address: str | None = None):
+    """Yield each cell's row as it finishes, from the chosen executor."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not cells:
         return
-    context = multiprocessing.get_context("spawn")
     columns = (TextColumn("study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
-    with Progress(*columns, disable=not progress) as bar, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
+    rows = _ray_rows(cells, workers, address) if executor == "ray" else _pool_rows(cells, workers)
+    with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("", total=len(cells))
-        futures = {pool.submit(run_cell, cell): cell for cell in cells}
-        for future in as_completed(futures):
-            row = future.result()
+        for row in rows:
             bar.update(task, advance=1, description=f"{row['model']} / {row['method']}: {row['status'][:60]}")
             yield row
+
+
+def _pool_rows(cells: list[Cell], workers: int):
+    """A fresh spawned process per cell, ``workers`` at once."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(run_cell, cell): cell for cell in cells}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as exc:  # the worker process died (killed, out of memory): that cell failed, the rest go on
+                yield failed_row(futures[future], f"{type(exc).__name__}: {exc}")
+
+
+def _ray_rows(cells: list[Cell], workers: int, address: str | None):
+    """Each cell a Ray task with its CPUs (threads) and GPUs (one on --device cuda)."""
+    from deepshrink.pipeline.ray_executor import RayCells
+
+    cells = [replace(c, out_dir=str(Path(c.out_dir).resolve())) for c in cells]  # a task's cwd is its node's, not ours
+    ray = RayCells(address, num_cpus=workers * max(c.threads for c in cells))
+    try:
+        yield from ray.run(cells, run_cell, failed_row, lambda c: int(bool(c.device) and c.device.startswith("cuda")))
+    finally:
+        ray.close()
 
 
 # -- reports --------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """Short distillation from the original encoder: hidden-state MSE (over real tokens)
 plus, for models with a task head, KL on temperature-softened logits.
 
-The shared training loop (``deepshrink.train``) is built around image batches
-with labels; token batches with masks and a teacher need a loop this small, so
-it lives here. The student stays in eval mode (no dropout): a few hundred steps
-of repair after pruning, deterministic for a seed.
+Runs in the shared Trainer with a token batch source and this loss, so devices
+and torchrun apply here as everywhere. The student stays in eval mode (no
+dropout): a few hundred steps of repair after pruning, deterministic for a seed.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.train import StepOutput, TrainConfig, Trainer, TrainHook
 from deepshrink.transformers.load import Batch, check_batches
 
 
@@ -57,26 +57,46 @@ def distill_loss(student_out, teacher_out, mask: torch.Tensor, cfg: Distill) -> 
     return loss
 
 
+class _TokenSteps:
+    """``steps`` (batch, teacher outputs) pairs per epoch: a seeded permutation of the batches,
+    drawn from its end and redrawn when used up."""
+
+    def __init__(self, items: list, steps: int) -> None:
+        self.items, self.steps = items, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, generator: torch.Generator) -> Iterator:
+        order: list[int] = []
+        for _ in range(self.steps):
+            if not order:
+                order = torch.randperm(len(self.items), generator=generator).tolist()
+            yield self.items[order.pop()]
+
+
+class _StepLosses(TrainHook):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.losses.append(trainer.last_loss)
+
+
 def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], cfg: Distill) -> list[float]:
     """Train ``student`` (in place) towards ``teacher`` on ``batches``; returns the loss per step."""
     batches = check_batches(batches)
     teacher.eval()
-    student.eval()
     with torch.inference_mode():
         targets = [_outputs(teacher, b) for b in batches]
     targets = [(h.clone(), None if lg is None else lg.clone()) for h, lg in targets]  # leave inference mode
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    losses = []
-    for _ in range(cfg.steps):
-        if not order:
-            order = torch.randperm(len(batches), generator=g).tolist()
-        i = order.pop()
-        loss = distill_loss(_outputs(student, batches[i]), targets[i], batches[i]["attention_mask"], cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
+
+    def loss(model: nn.Module, item: tuple, config: TrainConfig) -> StepOutput:
+        batch, target = item
+        return StepOutput(distill_loss(_outputs(model, batch), target, batch["attention_mask"], cfg), len(batch["input_ids"]))
+
+    config = TrainConfig(epochs=1, optimizer="adam", lr=cfg.lr, weight_decay=0.0, schedule="constant", seed=cfg.seed, channels_last=False)
+    record = _StepLosses()
+    source = _TokenSteps(list(zip(batches, targets, strict=True)), cfg.steps)
+    Trainer(student, config, source, hooks=[record], progress=False, loss=loss, train_mode=False).fit()
+    return record.losses

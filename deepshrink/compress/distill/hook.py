@@ -66,7 +66,7 @@ class TeacherCache:
 
     @staticmethod
     def keys(inputs: torch.Tensor) -> list[bytes]:
-        rows = np.ascontiguousarray(inputs.detach().contiguous().reshape(len(inputs), -1).numpy())
+        rows = np.ascontiguousarray(inputs.detach().cpu().contiguous().reshape(len(inputs), -1).numpy())
         return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
     def lookup(self, teacher: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,17 @@ class MaskHook(TrainHook):
     def after_step(self, trainer) -> None:
         apply_masks(self.model, self.masks)
 
+    def rank_state(self) -> Masks:
+        return self.masks
+
+    def rank_state_loaded(self) -> None:
+        apply_masks(self.model, self.masks)
+
+    def to(self, device) -> "MaskHook":
+        super().to(device)
+        self.attach()  # the gradient hooks hold the masks: re-register them with the moved ones
+        return self
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

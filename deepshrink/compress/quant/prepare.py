@@ -206,8 +206,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_observer
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.enabled = False
     seen = 0
+    device = next(model.parameters()).device  # a model on a GPU calibrates there
     for batch in batches:
-        model(batch)
+        model(batch.to(device))
         seen += len(batch)
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.calibrate(layer.weight, weight_observer)
