@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/deep_compression.py [--models lenet300,lenet5_caffe] [--threads 2]
 
-For each model: the recipes/deep_compression.yaml run (per-stage table), the
+For each model: the deepshrink/recipes/deep_compression.yaml run (per-stage table), the
 .dsz bytes on disk against gzip / zstd / xz of the same weights (the fp32
 safetensors and the pruned+shared safetensors), and for every zoo model a
 bit-exact round trip (torch.equal weights, identical predictions on the whole
@@ -138,7 +138,7 @@ def main() -> None:
                 + markdown_table(streams, STREAM_COLUMNS)
             )
         (RESULTS / "deep_compression.md").write_text(
-            "# Deep Compression on Fashion-MNIST\n\nRecipe: `recipes/deep_compression.yaml`.\n" + header + "\n".join(sections)
+            "# Deep Compression on Fashion-MNIST\n\nRecipe: `deepshrink/recipes/deep_compression.yaml`.\n" + header + "\n".join(sections)
         )
         (RESULTS / "deep_compression.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     if args.part in ("all", "round-trip"):

@@ -54,7 +54,7 @@ def measure(cells: list[dict], test, threads: int) -> list[dict]:
             {
                 "model": row["model"],
                 "method": row["method"],
-                "top1_ort": row.get("onnx_top1"),
+                "top1_ort": row.get("top1_ort"),
                 "bytes": row.get("bytes"),
                 "sigmas": list(report.sigmas),
                 "noisy_top1": list(report.noisy_top1),

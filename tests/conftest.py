@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic datasets written to tmp_path, never the real data."""
 
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -8,7 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+import deepshrink.data
+
 torch.set_num_threads(1)
+
+# Normalising all of Fashion-MNIST takes seconds; the flow tests read the same few subsets again and again.
+cached_load_data = functools.lru_cache(maxsize=4)(deepshrink.data.load_data)
+
+
+@pytest.fixture
+def load_data_once(monkeypatch):
+    """Every ``deepshrink.data.load_data`` call (the CLI's included) served from one session-wide cache."""
+    monkeypatch.setattr(deepshrink.data, "load_data", cached_load_data)
+
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
 

@@ -2,7 +2,6 @@
 searches on Fashion-MNIST subsets that must meet a size target measured on disk
 within the Top-1 drop bound (and say so clearly when they cannot)."""
 
-import functools
 import json
 import math
 from dataclasses import replace
@@ -31,12 +30,12 @@ from deepshrink.pipeline.auto import (
     plan_path,
     prune_stage,
 )
+from tests.conftest import cached_load_data
 
 FP32_BYTES = 1_066_440  # lenet300: 266,610 fp32 parameters
 TARGET = 100_000  # about a tenth of fp32
 LEVELS = {"prune_levels": (0.5, 0.7, 0.85, 0.93), "probed_levels": (0.5, 0.7, 0.85, 0.93), "bit_levels": (2, 3, 4, 6)}
 FAST = AutoOptions(epochs=1, share_epochs=1, max_trials=2, sensitivity_samples=256, threads=1, **LEVELS)  # 20 byte-table packs, not 55
-cached_load_data = functools.lru_cache(maxsize=2)(deepshrink.data.load_data)
 
 
 # -- budgets ---------------------------------------------------------------------------------------
@@ -203,22 +202,20 @@ def test_a_reachable_size_the_drop_bound_rules_out_is_reported_not_met(data, tmp
     opts = replace(FAST, max_trials=1)
     r = auto_compress(model, data, 0.0, target_bytes=70_000, out_dir=tmp_path / "tight", progress=False, options=opts)
     assert not r.met and r.reason.startswith("not met")
-    assert r.baseline_gate_top1 - r.gate_top1 > 0.0 or r.bytes > 70_000
+    # the size fits (68,488 bytes on this seed); the accuracy bound is what fails, and the reason names only that
+    drop = r.baseline_gate_top1 - r.gate_top1
+    assert r.bytes <= 70_000 and drop > 0.0
+    assert r.reason == f"not met: val Top-1 drop {drop:.2f} > 0"
     assert r.paths["dsz"].is_file() and json.loads(r.paths["report_json"].read_text())["met"] is False
 
 
 # -- the command -------------------------------------------------------------------------------------
-@pytest.fixture
-def _cached_data(monkeypatch):
-    monkeypatch.setattr(deepshrink.data, "load_data", cached_load_data)
-
-
 CLI_FAST = ["--train-subset", "3000", "--val-size", "1000", "--test-subset", "1000", "--epochs", "1", "--max-trials", "2"]
 CLI_FAST += ["--sensitivity-samples", "256", "--threads", "1", "--no-progress"]
 
 
 @pytest.mark.flow
-def test_cli_writes_the_archive_onnx_plan_and_reports(capsys, tmp_path, _cached_data):
+def test_cli_writes_the_archive_onnx_plan_and_reports(capsys, tmp_path, load_data_once):
     out = tmp_path / "run"
     code = main(["auto", "lenet300", "--max-drop", "1.0", "--target-size", "100KB", "--out", str(out), *CLI_FAST])
     captured = capsys.readouterr()
@@ -253,7 +250,7 @@ def test_cli_bad_budget_is_one_line_before_loading(capsys, tmp_path, flags, mess
 
 
 @pytest.mark.flow
-def test_cli_unreachable_latency_is_a_clear_error(capsys, tmp_path, _cached_data):
+def test_cli_unreachable_latency_is_a_clear_error(capsys, tmp_path, load_data_once):
     code = main(["auto", "lenet300", "--target-latency", "1us", "--latency-batch", "64", "--out", str(tmp_path / "x"), *CLI_FAST])
     err = capsys.readouterr().err
     assert code == 2 and "--target-latency 0.001 ms is out of reach" in err and "channels removed" in err

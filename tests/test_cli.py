@@ -129,6 +129,15 @@ def test_compress_dry_run_prints_the_validated_plan(capsys):
     assert "1. prune:" in out and "2. share:" in out and "3. pack:" in out
 
 
+def test_compress_dry_run_resolves_the_model_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "compress", "resnet99", "--recipe", "deep-compression", "--dry-run")
+    assert code == 2 and err.startswith("deepshrink: error: unknown model 'resnet99'") and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "compress", "missing.onnx", "--recipe", "int8-ptq", "--dry-run")
+    assert code == 2 and "missing.onnx: no such ONNX file" in err
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
 def test_compress_rejects_a_bad_recipe_with_the_key_path(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("name: bad\nversion: 1\nsteps:\n  - prune: {sparsity: 1.5}\n")

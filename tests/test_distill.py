@@ -1,6 +1,5 @@
 """Knowledge distillation: the losses against closed forms, the KD hook in the shared loop, the distill task and CLI."""
 
-import functools
 import json
 import math
 from types import SimpleNamespace
@@ -219,16 +218,15 @@ def test_registered_step_needs_a_teacher(bundle, teacher):
 
 # -- CLI -----------------------------------------------------------------------------------
 @pytest.mark.flow
-def test_cli_distill_resnet20_into_lenet_small(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(deepshrink.data, "load_data", functools.lru_cache(maxsize=2)(deepshrink.data.load_data))
+def test_cli_distill_resnet20_into_lenet_small(tmp_path, capsys, load_data_once):
     out = tmp_path / "kd"
     argv = ["distill", "--teacher", "resnet20", "--student", "lenet_small", "--epochs", "3", "--lr", "0.02"]
     argv += ["--batch-size", "32", "--train-subset", "2000", "--test-subset", "300", "--val-size", "200", "--threads", "1"]
     argv += ["--no-progress", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["teacher"]["top1"] >= 90.0 and report["student"]["params"] == 7674
-    assert report["student"]["top1"] >= 70.0 and report["config"]["kd"]["temperature"] == 4.0
+    assert report["before"]["top1"] >= 90.0 and report["after"]["params"] == 7674
+    assert report["after"]["top1"] >= 70.0 and report["config"]["kd"]["temperature"] == 4.0
     model = load_weights(create_model("lenet_small"), out / "model.safetensors")
     x = deepshrink.data.load_data(val_size=200, test_subset=300).test.images[:32]
     with torch.no_grad():

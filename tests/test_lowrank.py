@@ -1,13 +1,11 @@
 """Low-rank factorisation: SVD/Tucker-2/CP against closed forms, rank selection, the Decompose method, ONNX, the CLI."""
 
-import functools
 import json
 
 import pytest
 import torch
 from torch import nn
 
-import deepshrink.data
 from deepshrink.cli import main
 from deepshrink.compress.distill import KD
 from deepshrink.compress.lowrank import (
@@ -253,8 +251,7 @@ def test_decompose_refuses_a_model_with_nothing_to_factorise(bundle):
 
 # -- CLI -----------------------------------------------------------------------------------
 @pytest.mark.flow
-def test_cli_decompose_lenet300_svd(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(deepshrink.data, "load_data", functools.lru_cache(maxsize=2)(deepshrink.data.load_data))
+def test_cli_decompose_lenet300_svd(tmp_path, capsys, load_data_once):
     out = tmp_path / "svd"
     argv = ["decompose", "lenet300", "--method", "svd", "--compression", "3", "--exclude", "^5$", "--epochs", "1", "--kd"]
     argv += ["--train-subset", "2000", "--test-subset", "500", "--val-size", "200", "--threads", "1", "--repeats", "3", "--no-progress"]

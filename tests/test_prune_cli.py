@@ -1,6 +1,5 @@
 """`deepshrink prune` end to end on Fashion-MNIST subsets: the report's numbers, the files, ONNX against torch."""
 
-import functools
 import json
 from pathlib import Path
 
@@ -8,22 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import deepshrink.data
 from deepshrink.cli import main
 from deepshrink.compress.prune import satisfies_nm
 from deepshrink.export import ort_session, run_ort
 from deepshrink.models import create_model, load_weights
 
-pytestmark = pytest.mark.flow
 SUBSETS = ["--train-subset", "2000", "--test-subset", "500", "--val-size", "1000", "--finetune-epochs", "1", "--threads", "1"]
 FAST = [*SUBSETS, "--repeats", "3", "--no-progress"]
-cached_load_data = functools.lru_cache(maxsize=4)(deepshrink.data.load_data)
 
 
-@pytest.fixture(autouse=True)
-def _load_data_once(monkeypatch):
-    """Normalising all of Fashion-MNIST takes seconds; every run here reads the same subsets."""
-    monkeypatch.setattr(deepshrink.data, "load_data", cached_load_data)
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("load_data_once")]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -78,7 +71,7 @@ def test_channel_lenet5_is_physically_smaller(tmp_path, capsys):
     before, after = report["before"], report["after"]
     assert report["config"]["importance"] == "l2" and report["config"]["ratio"] == 0.5
     assert after["params"] < 0.5 * before["params"] and after["macs"] < 0.6 * before["macs"]
-    assert after["disk_bytes"] < 0.5 * before["disk_bytes"] and after["onnx_bytes"] < 0.5 * before["onnx_bytes"]
+    assert after["bytes"] < 0.5 * before["bytes"] and after["onnx_bytes"] < 0.5 * before["onnx_bytes"]
     assert after["weight_sparsity"] == 0.0 and after["effective_macs"] == after["macs"]  # removed, not zeroed
     assert after["top1"] > 60.0
     assert_onnx_matches_reloaded_weights(report, "lenet5", resize=True)

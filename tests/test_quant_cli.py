@@ -1,14 +1,12 @@
 """`deepshrink quantize` end to end on Fashion-MNIST subsets: the report's numbers,
 the packed weights on disk, and the QDQ ONNX file in ONNX Runtime."""
 
-import functools
 import json
 
 import onnx
 import pytest
 import torch
 
-import deepshrink.data
 from deepshrink.cli import main
 from deepshrink.compress.quant import QAT, load_quantized_model
 from deepshrink.compress.quant.config import resolve_reduce_range
@@ -17,14 +15,10 @@ from deepshrink.compress.quant.qat import layer_plan
 from deepshrink.export import ort_session, run_ort
 from deepshrink.models import create_model
 
-pytestmark = pytest.mark.flow
 FAST = ["--train-subset", "2000", "--test-subset", "500", "--val-size", "500", "--threads", "1", "--repeats", "2", "--no-progress"]
-cached_load_data = functools.lru_cache(maxsize=4)(deepshrink.data.load_data)
 
 
-@pytest.fixture(autouse=True)
-def _load_data_once(monkeypatch):
-    monkeypatch.setattr(deepshrink.data, "load_data", cached_load_data)
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("load_data_once")]
 
 
 def quantize(capsys, tmp_path, *argv: str) -> dict:
@@ -39,7 +33,7 @@ def quantize(capsys, tmp_path, *argv: str) -> dict:
 
 def test_ptq_int8_lenet5_report_files_and_onnx(capsys, tmp_path):
     report = quantize(capsys, tmp_path, "lenet5", "--calib-samples", "256")
-    fp32, int8 = report["fp32"], report["quantized"]
+    fp32, int8 = report["before"], report["after"]
     assert int8["top1"] >= fp32["top1"] - 1.0
     assert abs(int8["top1_ort"] - int8["top1"]) <= 0.4  # 500 images: at most two predictions apart
     assert int8["bytes"] < fp32["bytes"] / 3  # packed int8 codes + fp32 scales and biases
@@ -51,7 +45,7 @@ def test_ptq_int8_lenet5_report_files_and_onnx(capsys, tmp_path):
 
 def test_qat_4bit_writes_half_byte_weights_that_reload(capsys, tmp_path):
     report = quantize(capsys, tmp_path, "lenet5", "--scheme", "qat", "--bits", "4", "--epochs", "1", "--calib-samples", "256")
-    fp32, w4 = report["fp32"], report["quantized"]
+    fp32, w4 = report["before"], report["after"]
     assert w4["top1"] >= fp32["top1"] - 3.0
     weights = sum(m.weight.numel() for m in create_model("lenet5").modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert w4["bytes"] < weights * 0.75  # most weights take half a byte (first and last layers 8-bit)
@@ -70,8 +64,8 @@ def test_qat_4bit_writes_half_byte_weights_that_reload(capsys, tmp_path):
 def test_mixed_with_zero_epochs_is_post_training_within_its_budget(capsys, tmp_path):
     report = quantize(capsys, tmp_path, "lenet5", "--scheme", "mixed", "--epochs", "0", "--calib-samples", "256")
     assert report["config"]["train"] is False and len(set(report["bit_plan"].values())) > 1
-    assert report["quantized"]["bytes"] <= report["fp32"]["bytes"] / 6
-    assert report["quantized"]["top1"] >= report["fp32"]["top1"] - 1.0  # Fisher-planned bits hold lenet5 without any training
+    assert report["after"]["bytes"] <= report["before"]["bytes"] / 6
+    assert report["after"]["top1"] >= report["before"]["top1"] - 1.0  # Fisher-planned bits hold lenet5 without any training
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,8 @@ def _row(model, method, top1, size, latency, macs, effective=None, status="ok"):
         "compression_ratio": 1_066_440 / size if size else None,
         "macs": macs,
         "effective_macs": effective,
-        "latency_b1_ms": 0.05,
-        "latency_b64_ms": latency,
+        "ort_b1_ms": 0.05,
+        "ort_b64_ms": latency,
         "ort_session_mb": 1.1,
         "ort_b64_peak_mb": 8.5,
         "steps_peak_mb": 412.0,
@@ -212,7 +212,7 @@ def test_plots_are_deterministic():
 
 @pytest.mark.unit
 def test_missing_measurement_leaves_a_note_not_a_broken_image(tmp_path: Path):
-    rows = [{**r, "latency_b64_ms": None} for r in STUDY]
+    rows = [{**r, "ort_b64_ms": None} for r in STUDY]
     text = write_html_report(tmp_path / "r.html", "no latency", study_rows=rows).read_text(encoding="utf-8")
     assert len(DATA_URI.findall(text)) == 2
     assert "latency at batch 64: no rows with this measurement" in text

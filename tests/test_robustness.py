@@ -1,13 +1,11 @@
 """Robustness and stability metrics: noisy Top-1, flip rate, agreement with a reference, in torch and ONNX Runtime."""
 
-import functools
 import json
 
 import pytest
 import torch
 from torch import nn
 
-import deepshrink.data
 from deepshrink.core.errors import InputError
 from deepshrink.data import ImageSet
 from deepshrink.evaluate import evaluate
@@ -15,8 +13,7 @@ from deepshrink.evaluate.accuracy import ort_predict, predictions, torch_predict
 from deepshrink.evaluate.robustness import measure_robustness
 from deepshrink.export import onnx_bytes, ort_session
 from deepshrink.models import create_model
-
-cached_load_data = functools.lru_cache(maxsize=1)(deepshrink.data.load_data)
+from tests.conftest import cached_load_data
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,9 @@
-"""Per-layer pruning sensitivity (Han et al. 2015, Li et al. 2017): prune one
-layer at a time by magnitude and watch the accuracy.
+"""Per-layer sensitivity (Han et al. 2015, Li et al. 2017): change one layer at a
+time (prune it by magnitude, k-means share it) and score the model.
+
+``probe_layers`` is the one probe: the pruning curves of ``deepshrink prune
+--sensitivity`` (scored by Top-1) and ``deepshrink auto``'s pruning and sharing
+costs (scored by ``output_kl``) both come from it.
 
 Layers differ widely in how much pruning they tolerate (a first conv with few
 weights breaks early, a wide fully connected layer barely notices 90%), so one
@@ -11,6 +15,7 @@ sparsity budget on the layers where it costs the least accuracy, and
 
 import copy
 import re
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from deepshrink.compress.prune.masks import apply_masks, magnitude_masks
+from deepshrink.compress.share.kmeans import kmeans_1d
 from deepshrink.core.config import Scope, check_range
 from deepshrink.core.errors import InputError
 from deepshrink.data.datasets import ImageSet
@@ -47,7 +53,78 @@ class SensitivityResult:
         }
 
 
+Change = Callable[[nn.Module, str], None]  # changes layer ``name`` of the probe model in place
+
+
+def pruned(sparsity: float, types: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> Change:
+    """The layer pruned by magnitude to ``sparsity`` (its smallest weights zeroed)."""
+
+    def change(probe: nn.Module, name: str) -> None:
+        apply_masks(probe, magnitude_masks(probe, sparsity, Scope(types=types, include=f"^{re.escape(name)}$")))
+
+    return change
+
+
+def shared(bits: int) -> Change:
+    """The layer's non-zero weights replaced by their nearest of 2^bits k-means centroids (zeros stay zero)."""
+
+    def change(probe: nn.Module, name: str) -> None:
+        weight = probe.get_submodule(name).weight
+        keep = weight != 0
+        if keep.any():
+            codebook, assignment = kmeans_1d(weight[keep], 2**bits)
+            values = torch.zeros_like(weight)
+            values[keep] = codebook[assignment]
+            weight.copy_(values)
+
+    return change
+
+
 @torch.no_grad()
+def probe_layers(
+    model: nn.Module,
+    names: list[str],
+    changes: dict[Hashable, Change],
+    score: Callable[[nn.Module], float],
+    advance: Callable[[], None] = lambda: None,
+) -> dict[str, dict[Hashable, float]]:
+    """``{layer: {change key: score}}`` with each change applied to one layer at a time on a copy of ``model``
+    (eval mode) and undone before the next: the one sensitivity probe of pruning, sharing and quantization."""
+    probe = copy.deepcopy(model).eval()
+    result: dict[str, dict[Hashable, float]] = {}
+    for name in names:
+        weight = probe.get_submodule(name).weight
+        original = weight.detach().clone()
+        result[name] = {}
+        for key, change in changes.items():
+            change(probe, name)
+            result[name][key] = score(probe)
+            weight.copy_(original)
+            advance()
+    return result
+
+
+@torch.no_grad()
+def output_logprobs(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([torch.log_softmax(model(images[i : i + batch_size]), 1) for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def kl_divergence(reference: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """Mean KL(reference || changed) of the predicted distributions: > 0 for any change, unlike a Top-1 count."""
+    return float((reference.exp() * (reference - logprobs)).sum(1).mean())
+
+
+def output_kl(model: nn.Module, images: torch.Tensor) -> Callable[[nn.Module], float]:
+    """A probe score: the KL divergence of a changed model's outputs on ``images`` from ``model``'s
+    (smooth and additive for small changes, where a Top-1 count on a few hundred images is mostly 0)."""
+    reference = output_logprobs(model, images)
+    return lambda changed: kl_divergence(reference, output_logprobs(changed, images))
+
+
 def layer_sensitivity(
     model: nn.Module,
     data: ImageSet,
@@ -62,20 +139,15 @@ def layer_sensitivity(
     if not 0 < levels[0] <= levels[-1] < 1:
         raise InputError(f"sensitivity sparsities must be in (0, 1), got {levels}")
     scope = scope or Scope()
-    probe = copy.deepcopy(model).eval()
-    layers = dict(scope.layers(probe))
+    layers = dict(scope.layers(model))
     if not layers:
         raise InputError(f"no layers in scope {scope}")
-    result = SensitivityResult(evaluate_accuracy(probe, data, batch_size).top1, len(data))
+    probed = probe_layers(
+        model, list(layers), {s: pruned(s, scope.types) for s in levels}, lambda probe: evaluate_accuracy(probe, data, batch_size).top1
+    )
+    result = SensitivityResult(evaluate_accuracy(model, data, batch_size).top1, len(data))  # eval mode, restored
     for name, module in layers.items():
-        original = module.weight.detach().clone()
-        only = Scope(types=scope.types, include=f"^{re.escape(name)}$")
-        points = []
-        for s in levels:
-            apply_masks(probe, magnitude_masks(probe, s, only))
-            points.append((s, evaluate_accuracy(probe, data, batch_size).top1))
-            module.weight.copy_(original)
-        result.layers[name], result.params[name] = points, original.numel()
+        result.layers[name], result.params[name] = list(probed[name].items()), module.weight.numel()
     return result
 
 

@@ -9,7 +9,8 @@ or an out-of-reach target (found before any training).
 import argparse
 from pathlib import Path
 
-from deepshrink.cli import _add_data_args, _load_data, command
+from deepshrink.commands import command
+from deepshrink.commands.args import add_data_args, load_data
 
 
 def add_commands(sub) -> None:
@@ -29,7 +30,7 @@ def add_commands(sub) -> None:
     p.add_argument("--train-subset", type=int, default=20000, help="training images for fine-tuning (default 20000)")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="output folder (default: runs/auto-<model>)")
-    _add_data_args(p)
+    add_data_args(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -71,7 +72,7 @@ def _auto(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model, args.weights)
-    data = _load_data(args, train_subset=args.train_subset)
+    data = load_data(args, train_subset=args.train_subset)
     out = Path(args.out or f"runs/auto-{args.model.replace(':', '_')}")
     result = auto_compress(
         model,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from deepshrink.cli import _add_data_args, _load_data, _size_kwargs, command, report_header
+from deepshrink.commands import command
+from deepshrink.commands.args import add_data_args, load_data, print_comparison, report_header, run_folder, set_threads, size_kwargs
 from deepshrink.core.errors import InputError
 
 
@@ -34,7 +35,7 @@ def _add_training_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> No
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-progress", action="store_true")
-    _add_data_args(p)
+    add_data_args(p)
 
 
 def _add_distill(p: argparse.ArgumentParser) -> None:
@@ -93,29 +94,18 @@ def _train_config(args: argparse.Namespace, epochs: int):
     )
 
 
-def _metrics(model, data, threads: int | None, repeats: int = 0) -> dict:
-    """Accuracy, size and compute; with ``repeats``, ORT latency at batch 64 and 1 too."""
-    from torch import nn
-
-    from deepshrink.evaluate import count_compute, evaluate_accuracy, measure_size
-    from deepshrink.evaluate.latency import ort_latency
+def _sides(models: dict, data, threads: int | None, repeats: int = 0) -> dict[str, dict]:
+    """Each model measured alike (``evaluate.compare.measure``); with ``repeats``, interleaved ORT latency at batch 64 and 1."""
+    from deepshrink.evaluate.compare import measure, measure_ort_latency
     from deepshrink.export import onnx_bytes, ort_session
 
-    acc, compute = evaluate_accuracy(model, data.test), count_compute(model, data.input_shape)
-    proto = onnx_bytes(model, data.input_shape)
-    row = {
-        "top1": acc.top1,
-        "top5": acc.top5,
-        "params": measure_size(model).params,
-        "macs": compute.macs,
-        "conv_macs": sum(layer.macs for layer in compute.layers if layer.kind == nn.Conv2d.__name__),
-        "onnx_bytes": len(proto),
-    }
+    protos = {name: onnx_bytes(model, data.input_shape) for name, model in models.items()}
+    sides = {name: measure(model, data.test, protos[name]) for name, model in models.items()}
     if repeats:
-        session = ort_session(proto, threads)
-        for batch in (64, 1):
-            row[f"ort_b{batch}_ms"] = ort_latency(session, data.input_shape, batch, repeats).median_ms
-    return row
+        sessions = {name: ort_session(proto, threads) for name, proto in protos.items()}
+        for name, latency in measure_ort_latency(sessions, data.input_shape, (64, 1), repeats).items():
+            sides[name].update(latency)
+    return sides
 
 
 def _write(model, out: Path, data, metadata: dict) -> dict[str, str]:
@@ -130,24 +120,6 @@ def _write(model, out: Path, data, metadata: dict) -> dict[str, str]:
     return {"weights": str(weights), "onnx": str(onnx), "onnx_max_abs_diff": diff}
 
 
-def _print_rows(title: str, rows: list[tuple[str, dict]]) -> None:
-    from deepshrink.report import Column, print_table
-
-    columns = [
-        Column("model", lambda r: r[0]),
-        Column("Top-1 %", lambda r: r[1]["top1"], "{:.2f}"),
-        Column("params", lambda r: r[1]["params"], "{:,}"),
-        Column("MMACs", lambda r: r[1]["macs"] / 1e6, "{:.2f}"),
-        Column("conv MMACs", lambda r: r[1]["conv_macs"] / 1e6, "{:.2f}"),
-    ]
-    if "ort_b64_ms" in rows[0][1]:
-        columns += [
-            Column("ORT b64 ms", lambda r: r[1].get("ort_b64_ms"), "{:.2f}"),
-            Column("ORT b1 ms", lambda r: r[1].get("ort_b1_ms"), "{:.3f}"),
-        ]
-    print_table(rows, columns, title=title)
-
-
 # -- distill -------------------------------------------------------------------------------
 def _distill_config(args: argparse.Namespace):
     from deepshrink.compress.distill import KD, Distill
@@ -159,33 +131,31 @@ def _distill_config(args: argparse.Namespace):
 @command("distill")
 def _distill(args: argparse.Namespace) -> int:
     from deepshrink.compress.distill import finetune_with_kd
+    from deepshrink.evaluate.compare import compare
     from deepshrink.models import create_model, resolve_model
 
     cfg = _distill_config(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     teacher = resolve_model(args.teacher, args.teacher_weights)
-    data = _load_data(args, seed=args.seed, train_subset=args.train_subset)
+    data = load_data(args, seed=args.seed, train_subset=args.train_subset)
     torch.manual_seed(args.seed)
-    student = create_model(args.student, in_channels=data.input_shape[0], num_classes=data.num_classes, **_size_kwargs(args.student, data))
+    student = create_model(args.student, in_channels=data.input_shape[0], num_classes=data.num_classes, **size_kwargs(args.student, data))
     start = time.perf_counter()
     kd = (None, None) if args.no_kd else (teacher, cfg.kd)
     finetune_with_kd(student, cfg.train, data, *kd, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    out = Path(args.out or f"runs/distill-{args.teacher.replace(':', '_')}-{args.student}")
+    out = Path(run_folder(args, "distill", args.teacher, args.student))
+    sides = _sides({"teacher": teacher, "student": student}, data, args.threads)
+    label = "student (KD)" if not args.no_kd else "student (labels only)"
+    comparison = compare(sides["teacher"], {**sides["student"], "seconds": seconds}, (f"teacher {args.teacher}", f"{label} {args.student}"))
     report = {
         **report_header(cfg, data, teacher_name=args.teacher, student_name=args.student, kd=not args.no_kd),
         "train_images": len(data.train),
-        "teacher": _metrics(teacher, data, args.threads),
-        "student": {**_metrics(student, data, args.threads), "train_time_s": seconds},
+        **comparison.to_dict(),
     }
     report["files"] = _write(student, out, data, {"architecture": {"zoo": args.student}, "config": cfg.to_dict()})
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    label = "student (KD)" if report["kd"] else "student (labels only)"
-    _print_rows(
-        f"distill {args.teacher} -> {args.student} ({len(data.test):,} test images)",
-        [("teacher " + args.teacher, report["teacher"]), (f"{label} {args.student}", report["student"])],
-    )
+    print_comparison(comparison, f"distill {args.teacher} -> {args.student} ({len(data.test):,} test images)")
     print(f"trained in {seconds:.0f}s; wrote {report['files']['weights']}, {report['files']['onnx']} and {out / 'report.json'}")
     return 0
 
@@ -228,26 +198,26 @@ def _decompose(args: argparse.Namespace) -> int:
 
     from deepshrink.compress.distill import finetune_with_kd
     from deepshrink.compress.lowrank import decompose_required
+    from deepshrink.evaluate import evaluate_accuracy
+    from deepshrink.evaluate.compare import compare
     from deepshrink.models import architecture_of, resolve_model
 
     cfg = _decompose_config(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     model = resolve_model(args.model, args.weights)
-    data = _load_data(args, train_subset=args.train_subset)
-    before = _metrics(model, data, args.threads, args.repeats)
+    data = load_data(args, train_subset=args.train_subset)
     start = time.perf_counter()
     decomposed, layers = decompose_required(copy.deepcopy(model), cfg)
-    untuned_top1 = _metrics(decomposed, data, args.threads)["top1"]
+    untuned_top1 = evaluate_accuracy(decomposed, data.test).top1
     if cfg.finetune is not None:
         finetune_with_kd(decomposed, cfg.finetune, data, model if cfg.distill else None, cfg.distill, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    after = {**_metrics(decomposed, data, args.threads, args.repeats), "top1_before_finetune": untuned_top1}
-    out = Path(args.out or f"runs/decompose-{args.model.replace(':', '_')}-{args.method}")
+    sides = _sides({"original": model, "decomposed": decomposed}, data, args.threads, args.repeats)
+    comparison = compare(sides["original"], {**sides["decomposed"], "top1_before_finetune": untuned_top1}, ("original", "decomposed"))
+    out = Path(run_folder(args, "decompose", args.model, args.method))
     report = {
         **report_header(cfg, data, model=args.model, method=args.method),
-        "before": before,
-        "after": after,
+        **comparison.to_dict(),
         "layers": [asdict(layer) for layer in layers],
         "time_s": seconds,
         "latency": {"backend": "onnxruntime", "batch_sizes": [64, 1], "repeats": args.repeats, "threads": args.threads},
@@ -255,9 +225,7 @@ def _decompose(args: argparse.Namespace) -> int:
     report["files"] = _write(decomposed, out, data, {"architecture": architecture_of(args.model), "config": cfg.to_dict()})
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     replaced = sum(layer.replaced for layer in layers)
-    _print_rows(
-        f"decompose {args.model} ({args.method}, {replaced} of {len(layers)} layers)", [("original", before), ("decomposed", after)]
-    )
+    print_comparison(comparison, f"decompose {args.model} ({args.method}, {replaced} of {len(layers)} layers)")
     print(f"Top-1 before fine-tuning {untuned_top1:.2f}%; ONNX Runtime vs torch max|diff| {report['files']['onnx_max_abs_diff']:.2e}")
     print(f"wrote {report['files']['weights']}, {report['files']['onnx']} and {out / 'report.json'}")
     return 0

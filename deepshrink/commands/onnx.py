@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from deepshrink.cli import command
+from deepshrink.commands import command
 
 
 def add_commands(sub) -> None:

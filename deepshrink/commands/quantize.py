@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from deepshrink.cli import _add_data_args, _load_data, command, report_header
+from deepshrink.commands import command
+from deepshrink.commands.args import add_data_args, load_data, print_comparison, report_header, run_folder, set_threads
 from deepshrink.core.errors import DeepShrinkError
 
 SCHEMES = ("ptq", "qat", "binary", "ternary", "mixed")
@@ -27,7 +28,7 @@ def add_commands(sub) -> None:
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="output folder (default: runs/quantize-<model>-<scheme>)")
     p.add_argument("--train-subset", type=int, default=None)
-    _add_data_args(p)
+    add_data_args(p)
     p.add_argument("--repeats", type=int, default=20, help="ORT latency runs per round")
     p.add_argument("--no-progress", action="store_true")
 
@@ -57,35 +58,34 @@ def quant_config(args: argparse.Namespace):
 
 @command("quantize")
 def _quantize(args: argparse.Namespace) -> int:
-    import torch
 
     from deepshrink.core.methods import Context, apply_method
     from deepshrink.models import resolve_model
 
     cfg = quant_config(args)  # before any loading: a bad flag fails at once
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     model = resolve_model(args.model, args.weights).eval()
-    data = _load_data(args, train_subset=args.train_subset)
-    out = Path(args.out or f"runs/quantize-{args.model.replace(':', '_')}-{args.scheme}")
+    data = load_data(args, train_subset=args.train_subset)
+    out = Path(run_folder(args, "quantize", args.model, args.scheme))
     start = time.perf_counter()
     qmodel = apply_method(model, cfg, Context(data, progress=not args.no_progress))
     seconds = time.perf_counter() - start
-    report = _report(model, qmodel, cfg, data, out, args)
+    report, comparison = _report(model, qmodel, cfg, data, out, args)
     report["quantize_time_s"] = seconds
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(_markdown(report))
-    _print(report)
+    (out / "report.md").write_text(_markdown(report, comparison))
+    print_comparison(comparison, f"{report['model']}: {report['scheme']}")
     print(f"wrote {out / 'model.safetensors'}, {out / 'model.onnx'}, {out / 'report.json'} and {out / 'report.md'}")
     return 0
 
 
-def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> dict:
+def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> tuple[dict, object]:
+    """report.json's content and the fp32 / quantized comparison (Top-1 in torch and ORT, bytes, ORT latency)."""
     from deepshrink.compress.quant import save_quantized_model
     from deepshrink.compress.quant.onnx_qdq import export_quantized_onnx
     from deepshrink.evaluate import evaluate_accuracy
     from deepshrink.evaluate.accuracy import ort_top1
-    from deepshrink.evaluate.latency import ort_latency_interleaved
+    from deepshrink.evaluate.compare import compare, measure_ort_latency
     from deepshrink.evaluate.size import fp32_param_bytes
     from deepshrink.export import onnx_bytes, ort_session
 
@@ -95,38 +95,26 @@ def _report(model, qmodel, cfg, data, out: Path, args: argparse.Namespace) -> di
     fp32_onnx = onnx_bytes(model, data.input_shape)
     sessions = {"fp32": ort_session(fp32_onnx, args.threads), "quantized": ort_session(onnx_path, args.threads)}
     sides = {
-        "fp32": {"top1": evaluate_accuracy(model, data.test).top1, "bytes": fp32_param_bytes(model)},
-        "quantized": {"top1": evaluate_accuracy(qmodel, data.test).top1, "bytes": packed},
+        "fp32": {"top1": evaluate_accuracy(model, data.test).top1, "bytes": fp32_param_bytes(model), "onnx_bytes": len(fp32_onnx)},
+        "quantized": {"top1": evaluate_accuracy(qmodel, data.test).top1, "bytes": packed, "onnx_bytes": onnx_path.stat().st_size},
     }
-    sides["fp32"]["onnx_bytes"], sides["quantized"]["onnx_bytes"] = len(fp32_onnx), onnx_path.stat().st_size
     for name, session in sessions.items():
         sides[name]["top1_ort"] = ort_top1(session, data.test)
-    for batch in LATENCY_BATCHES:
-        for name, (median, _) in ort_latency_interleaved(sessions, data.input_shape, batch, args.repeats).items():
-            sides[name][f"ort_b{batch}_ms"] = median
-    return {
+    latency = measure_ort_latency(sessions, data.input_shape, LATENCY_BATCHES, args.repeats)
+    comparison = compare({**sides["fp32"], **latency["fp32"]}, {**sides["quantized"], **latency["quantized"]}, labels=("fp32", "quantized"))
+    report = {
         **report_header(cfg, data, model=args.model, scheme=args.scheme),
         "threads": args.threads,
-        **sides,
+        **comparison.to_dict(),
         "layers": getattr(qmodel, "quant_report", None),
         "bit_plan": getattr(qmodel, "bit_plan", None),
         "files": {"weights": str(out / "model.safetensors"), "onnx": str(onnx_path)},
     }
+    return report, comparison
 
 
-ROWS = (
-    ("Top-1 % (torch)", "top1", "{:.2f}"),
-    ("Top-1 % (ONNX Runtime)", "top1_ort", "{:.2f}"),
-    ("weights on disk, bytes", "bytes", "{:,}"),
-    ("ONNX bytes", "onnx_bytes", "{:,}"),
-    ("ORT batch 64, ms", "ort_b64_ms", "{:.2f}"),
-    ("ORT batch 1, ms", "ort_b1_ms", "{:.3f}"),
-)
-
-
-def _markdown(report: dict) -> str:
-    lines = [f"# {report['model']}: {report['scheme']} quantization", "", "| | fp32 | quantized |", "|---|---|---|"]
-    lines += [f"| {label} | {fmt.format(report['fp32'][key])} | {fmt.format(report['quantized'][key])} |" for label, key, fmt in ROWS]
+def _markdown(report: dict, comparison) -> str:
+    lines = [f"# {report['model']}: {report['scheme']} quantization", "", comparison.markdown().rstrip("\n")]
     if report.get("layers"):
         lines += ["", "| layer | weight bits | weight SQNR dB | output SQNR dB |", "|---|---|---|---|"]
         lines += [
@@ -135,15 +123,3 @@ def _markdown(report: dict) -> str:
     if report.get("bit_plan"):
         lines += ["", "Bits per layer: " + ", ".join(f"{k} {v}" for k, v in report["bit_plan"].items())]
     return "\n".join(lines) + "\n"
-
-
-def _print(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{report['model']}: {report['scheme']}")
-    for name in ("", "fp32", "quantized"):
-        table.add_column(name, justify="right" if name else "left")
-    for label, key, fmt in ROWS:
-        table.add_row(label, fmt.format(report["fp32"][key]), fmt.format(report["quantized"][key]))
-    Console(width=120).print(table)

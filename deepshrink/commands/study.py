@@ -2,7 +2,7 @@
 
 import argparse
 
-from deepshrink.cli import command
+from deepshrink.commands import command
 
 
 def add_commands(sub) -> None:

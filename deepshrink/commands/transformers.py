@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deepshrink.cli import command
+from deepshrink.commands import command
 from deepshrink.core.errors import InputError
 
 
@@ -105,8 +105,9 @@ def _transformer(args: argparse.Namespace) -> int:
 
 
 def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
-    """Params, ONNX bytes, fidelity (torch and ORT) and ORT latency, before and after."""
+    """Params, ONNX bytes, pooled-embedding fidelity to the original (torch and ORT) and ORT latency, before and after."""
     from deepshrink.compress.quant.dynamic import dynamic_quant_layers, parameter_count
+    from deepshrink.evaluate.compare import compare, latency_key
     from deepshrink.evaluate.fidelity import fidelity
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
@@ -121,46 +122,43 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
         compressed,
         encoder_dynamic_onnx(compressed, weight_type=args.weight_type) if quantized else encoder_onnx_bytes(compressed),
     )
-    report = {}
+    batch = batches[0]["input_ids"].shape
+    measured, files = {}, {}
     for side, (model, proto) in sides.items():
-        path = write_atomic(out / f"{side}.onnx", proto)
+        files[side] = str(write_atomic(out / f"{side}.onnx", proto))
         session = ort_session(proto, args.threads)
         feed = ort_feed(session, batches[0])
         median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), args.repeats)
-        report[side] = {
+        torch_fidelity = fidelity(reference, pooled_embeddings(model, batches), agreement=False)
+        ort_fidelity = fidelity(reference, ort_pooled(session, batches), agreement=False)
+        measured[side] = {
             "params": parameter_count(model),
             "onnx_bytes": len(proto),
-            "onnx": str(path),
-            "torch_fidelity": fidelity(reference, pooled_embeddings(model, batches), agreement=False).to_dict(),
-            "ort_fidelity": fidelity(reference, ort_pooled(session, batches), agreement=False).to_dict(),
-            "ort_ms": median,
+            "cosine_mean": torch_fidelity.cosine_mean,
+            "cosine_min": torch_fidelity.cosine_min,
+            "cosine_mean_ort": ort_fidelity.cosine_mean,
+            "cosine_min_ort": ort_fidelity.cosine_min,
+            latency_key(batch[0]): median,
         }
-    report["latency"] = {"batch": list(batches[0]["input_ids"].shape), "repeats": args.repeats, "threads": args.threads}
-    return report
+    comparison = compare(measured["original"], measured["compressed"], ("original", "compressed"))
+    return {
+        **comparison.to_dict(),
+        "fidelity_samples": torch_fidelity.samples,
+        "latency": {"batch": list(batch), "repeats": args.repeats, "threads": args.threads},
+        "files": files,
+    }
 
 
 def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    from deepshrink.report import Column, print_table
+    from deepshrink.commands.args import print_comparison
+    from deepshrink.evaluate.compare import compare
 
-    rows = [(side, report[side]) for side in ("original", "compressed")]
-    print_table(
-        rows,
-        [
-            Column("model", lambda r: r[0]),
-            Column("params", lambda r: r[1]["params"], "{:,}"),
-            Column("ONNX bytes", lambda r: r[1]["onnx_bytes"], "{:,}"),
-            Column("cosine mean (torch)", lambda r: r[1]["torch_fidelity"]["cosine_mean"], "{:.5f}"),
-            Column("cosine min (torch)", lambda r: r[1]["torch_fidelity"]["cosine_min"], "{:.5f}"),
-            Column("cosine mean (ORT)", lambda r: r[1]["ort_fidelity"]["cosine_mean"], "{:.5f}"),
-            Column("cosine min (ORT)", lambda r: r[1]["ort_fidelity"]["cosine_min"], "{:.5f}"),
-            Column("ORT ms", lambda r: r[1]["ort_ms"], "{:.2f}"),
-        ],
-        title=f"{report['source']}: {', '.join(report['stages'])} on {report['data']}",
-    )
+    comparison = compare(report["before"], report["after"], tuple(report["labels"]))
+    print_comparison(comparison, f"{report['source']}: {', '.join(report['stages'])} on {report['data']}")
     fallback = report["stages"].get("quantize", {}).get("fallback")
     if fallback is not None:
         print(f"fp32 fallback layers: {', '.join(fallback) or 'none'}")
-    print(f"wrote {report['original']['onnx']}, {report['compressed']['onnx']}")
+    print(f"wrote {report['files']['original']}, {report['files']['compressed']}")

@@ -11,12 +11,11 @@ unpickled or evaluated: the manifest is parsed with ``json.loads`` only.
 
 import hashlib
 import json
-import os
-import secrets
 import struct
 from pathlib import Path
 
 from deepshrink.core.errors import DeepShrinkError
+from deepshrink.core.files import write_atomic
 
 MAGIC = b"DSZ\x00"
 FORMAT_VERSION = 1
@@ -27,6 +26,21 @@ STREAMS_KEY = "streams"
 
 class DszError(DeepShrinkError, ValueError):
     """A .dsz archive or one of its encoded streams is missing, truncated or corrupt."""
+
+
+def _compact_json_bytes(value) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+# A stream-table row's offset and length digits (and its comma) vary with where the stream lands; a typical
+# row's share keeps a per-tensor size independent of the other tensors.
+_ROW_BYTES = _compact_json_bytes({"name": "", "offset": 0, "length": 0, "sha256": "0" * 64}) + 10
+
+
+def manifest_share(entry: dict) -> int:
+    """Bytes one tensor's ``entry`` adds to the serialised manifest: the entry (and its comma) plus a
+    stream-table row for each stream it names in ``entry["streams"]``."""
+    return _compact_json_bytes(entry) + 1 + sum(_ROW_BYTES + len(key) for key in entry.get(STREAMS_KEY, {}).values())
 
 
 def pack_archive(manifest: dict, streams: dict[str, bytes]) -> bytes:
@@ -106,21 +120,8 @@ def unpack_archive(data: bytes) -> tuple[dict, dict[str, bytes]]:
 
 
 def write_archive(path: str | Path, manifest: dict, streams: dict[str, bytes]) -> Path:
-    """Write atomically (temp file in the same directory, fsync, rename) so a crash never leaves half an archive."""
-    path = Path(path)
-    data = pack_archive(manifest, streams)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # unlike mkstemp's 0600, honours the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write atomically and durably (``write_atomic``) so a crash never leaves half an archive."""
+    return write_atomic(path, pack_archive(manifest, streams))
 
 
 def read_archive(path: str | Path) -> tuple[dict, dict[str, bytes]]:

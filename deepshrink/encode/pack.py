@@ -11,14 +11,14 @@ architecture (a zoo model or a ``module:function``), never code to execute.
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.encode.container import DszError, read_archive, write_archive
+from deepshrink.encode.container import DszError, manifest_share, read_archive, write_archive
 from deepshrink.encode.entropy import total_entropy_bits
 from deepshrink.encode.huffman import HuffmanStream, huffman_decode, huffman_encode
 from deepshrink.encode.rans import RansStream, rans_decode, rans_encode
@@ -58,6 +58,7 @@ class PackReport:
     path: Path
     file_bytes: int
     tensors: list[TensorStats]
+    archive_bytes: dict[str, int] = field(default_factory=dict)  # per tensor: see ``tensor_archive_bytes``
 
     @property
     def numel(self) -> int:
@@ -208,18 +209,25 @@ def add_streams(entry: dict, name: str, tensor_streams: dict[str, bytes], stream
     return entry
 
 
+def tensor_archive_bytes(entry: dict, tensor_streams: dict[str, bytes]) -> int:
+    """What one tensor adds to a .dsz file: its coded streams plus its share of the manifest (``entry`` as filed
+    by ``add_streams``). The file is the sum over its tensors plus a fixed header and architecture."""
+    return sum(len(data) for data in tensor_streams.values()) + manifest_share(entry)
+
+
 def pack(model: nn.Module | dict[str, torch.Tensor], path: str | Path, architecture: dict | None = None) -> PackReport:
     """Write ``model``'s state dict to ``path`` (.dsz); ``architecture`` lets ``unpack`` rebuild the model,
     e.g. ``{"zoo": "lenet300"}`` or ``{"module": "pkg.mod:build"}``."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
-    entries, streams, stats = [], {}, []
+    entries, streams, stats, sizes = [], {}, [], {}
     for name, tensor in state.items():
         entry, tensor_streams, tensor_stats = encode_tensor(name, tensor)
         entries.append(add_streams(entry, name, tensor_streams, streams))
         stats.append(tensor_stats)
+        sizes[name] = tensor_archive_bytes(entries[-1], tensor_streams)
     manifest = {"format": FORMAT, "architecture": architecture, "tensors": entries}
     path = write_archive(path, manifest, streams)
-    return PackReport(Path(path), Path(path).stat().st_size, stats)
+    return PackReport(Path(path), Path(path).stat().st_size, stats, sizes)
 
 
 def unpack_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -3,15 +3,15 @@ the pretrained zoo's manifest (sha256, accuracy, how they were trained)."""
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from deepshrink.core.errors import WeightsError
+from deepshrink.core.files import write_atomic, write_safetensors
 from deepshrink.core.modules import replace_module
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -23,14 +23,9 @@ def sha256_of(path: Path) -> str:
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's state dict as safetensors via temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the model's state dict as safetensors, atomically and durably; the same weights give the same bytes."""
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None, resize: bool = False) -> nn.Module:
@@ -115,7 +110,5 @@ def publish_pretrained(name: str, model: nn.Module, entry: dict) -> dict:
     path = save_weights(model, PRETRAINED_DIR / f"{name}.safetensors")
     manifest = read_manifest()
     manifest[name] = {"file": path.name, "sha256": sha256_of(path), **entry}
-    tmp = MANIFEST.with_name(MANIFEST.name + ".tmp")
-    tmp.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
-    os.replace(tmp, MANIFEST)
+    write_atomic(MANIFEST, (json.dumps(dict(sorted(manifest.items())), indent=2) + "\n").encode())
     return manifest[name]

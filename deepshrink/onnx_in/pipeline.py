@@ -27,6 +27,7 @@ import deepshrink.onnx_in.quantize
 import deepshrink.onnx_in.weights  # noqa: F401  (these attach the ONNX backends to their methods' registrations)
 from deepshrink.core.config import Config
 from deepshrink.core.errors import InputError
+from deepshrink.core.files import write_atomic
 from deepshrink.core.methods import Context, registration, registrations
 from deepshrink.evaluate.accuracy import top1
 from deepshrink.evaluate.environment import environment
@@ -253,9 +254,7 @@ def _report(path: Path, recipe: Recipe, stages: list[dict], cleaned, model, cali
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def _finish(out_dir: Path, model: onnx.ModelProto, dsz: Path | None, report: dict) -> None:

@@ -27,7 +27,7 @@ from deepshrink.core.errors import InputError
 from deepshrink.core.methods import registrations, step_types
 
 SCHEMA_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped inside the package: a wheel keeps them
 
 STEP_TYPES: dict[str, type[Config]] = step_types()  # every registered method is a recipe step
 QUANTIZING = {r.step for r in registrations() if r.quantizes}  # after these only output steps make sense

@@ -23,6 +23,7 @@ from deepshrink.compress.quant.dynamic import dynamic_quant_layers, quantized_by
 from deepshrink.compress.quant.modules import fake_quant_layers
 from deepshrink.compress.quant.storage import save_quantized_model
 from deepshrink.core.config import Config, Scope
+from deepshrink.core.determinism import determinism_record, deterministic
 from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method, registration, write_output
 from deepshrink.data.datasets import DataBundle
@@ -162,7 +163,8 @@ def run_recipe(
     fresh = not out_dir.exists()
     _check_resumable(out_dir, recipe)
     try:
-        return _run_steps(model, recipe, data, out_dir, architecture, ctx)
+        with deterministic():  # same seed, same bytes (see deepshrink.core.determinism)
+            return _run_steps(model, recipe, data, out_dir, architecture, ctx)
     except BaseException:
         if fresh and not any(out_dir.glob("step*.safetensors")):  # nothing finished: leave no half-made run folder
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -234,6 +236,7 @@ def _write_reports(result: RunResult, recipe: Recipe) -> None:
         "onnx_max_abs_diff": result.onnx_max_abs_diff,
         "onnx_top1": result.onnx_top1,
         "environment": environment(),
+        "determinism": determinism_record(recipe.seed),
     }
     if result.model is not None:
         payload["layers"] = layer_plan(result.model)

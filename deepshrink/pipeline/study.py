@@ -172,8 +172,10 @@ def _measure_cell(cell: Cell) -> dict:
 
 
 def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
+    """The final model's side of the ``evaluate.compare`` record (the original: its Top-1 and fp32 bytes),
+    flattened into the cell's row with the ratio and the original's Top-1."""
+    from deepshrink.evaluate.compare import compare, measure_ort_latency
     from deepshrink.evaluate.flops import count_compute
-    from deepshrink.evaluate.latency import ort_latency
     from deepshrink.evaluate.memory import ort_memory
     from deepshrink.evaluate.size import fp32_param_bytes
     from deepshrink.export.onnx import ort_session
@@ -183,28 +185,30 @@ def _cell_metrics(original: nn.Module, result, data, cell: Cell) -> dict:
     archive = result.archive_path
     compute = count_compute(result.model, shape)
     session = ort_session(result.onnx_path, cell.threads)
-    latency = {b: ort_latency(session, shape, b, cell.budget.latency_repeats).median_ms for b in (1, 64)}
-    original_bytes = fp32_param_bytes(original)
+    latency = measure_ort_latency({"final": session}, shape, (1, 64), cell.budget.latency_repeats, rounds=1)["final"]
     memory = ort_memory(result.onnx_path, shape, 64, cell.threads)
-    return {
+    after = {
         "top1": final.top1,
         "top5": final.top5,
-        "onnx_top1": result.onnx_top1,
-        "original_top1": result.rows[0].top1,
+        "top1_ort": result.onnx_top1,
         "params": final.params,
         "nonzero_params": final.nonzero_params,
         "bytes": archive.stat().st_size,
-        "archive": archive.name,
-        "compression_ratio": original_bytes / archive.stat().st_size,
         "macs": compute.macs,
         "effective_macs": compute.effective_macs,
         "flops": compute.flops,
-        "latency_b1_ms": latency[1],
-        "latency_b64_ms": latency[64],
+        **latency,
         "ort_session_mb": memory and memory.session_mb,
         "ort_b64_peak_mb": memory and memory.run_peak_mb,
         "seconds": sum(r.seconds for r in result.rows),
         "onnx_bytes": result.onnx_path.stat().st_size,
+    }
+    comparison = compare({"top1": result.rows[0].top1, "bytes": fp32_param_bytes(original)}, after, ("original fp32", cell.method))
+    return {
+        **comparison.after,
+        "original_top1": comparison.before["top1"],
+        "compression_ratio": comparison.before["bytes"] / comparison.after["bytes"],
+        "archive": archive.name,
         "run_dir": str(result.out_dir),
     }
 
@@ -412,8 +416,8 @@ def _study_columns():
         Column("ratio", lambda r: r.get("compression_ratio"), "{:.1f}x"),
         Column("MMACs", lambda r: None if r.get("macs") is None else r["macs"] / 1e6, "{:.2f}"),
         Column("eff. MMACs", lambda r: None if r.get("effective_macs") is None else r["effective_macs"] / 1e6, "{:.2f}"),
-        Column("ORT b1 ms", lambda r: r.get("latency_b1_ms"), "{:.3f}"),
-        Column("ORT b64 ms", lambda r: r.get("latency_b64_ms"), "{:.2f}"),
+        Column("ORT b1 ms", lambda r: r.get("ort_b1_ms"), "{:.3f}"),
+        Column("ORT b64 ms", lambda r: r.get("ort_b64_ms"), "{:.2f}"),
         Column("ORT MB", lambda r: r.get("ort_session_mb"), "{:.2f}"),
         Column("ORT b64 peak MB", lambda r: r.get("ort_b64_peak_mb"), "{:.2f}"),
         Column("steps peak MB", lambda r: r.get("steps_peak_mb"), "{:.0f}"),

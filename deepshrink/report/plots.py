@@ -33,7 +33,7 @@ class ParetoAxis:
 # Size and MACs span orders of magnitude between models (LeNet-300 vs ResNet-20), so log x.
 PARETO_AXES: dict[str, ParetoAxis] = {
     "size": ParetoAxis("bytes", "size on disk (KiB, log)", log=True, scale=1024),
-    "latency": ParetoAxis("latency_b64_ms", "ONNX Runtime latency, batch 64 (ms)"),
+    "latency": ParetoAxis("ort_b64_ms", "ONNX Runtime latency, batch 64 (ms)"),
     "macs": ParetoAxis("macs", "MACs per image (millions, log; hollow: effective)", log=True, scale=1e6, mark_key="effective_macs"),
 }
 

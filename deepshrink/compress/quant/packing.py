@@ -9,19 +9,17 @@ grid in the safetensors metadata.
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from deepshrink.compress.quant.primitives import QuantSpec, compute_qparams, dequantize, quantize
 from deepshrink.core.errors import InputError
+from deepshrink.core.files import write_safetensors
 
 METADATA_KEY = "deepshrink.quantized"
 SUFFIXES = (".codes", ".scale", ".zero_point")
@@ -135,15 +133,7 @@ def save_quantized(
     if METADATA_KEY in extra:
         raise InputError(f"metadata key {METADATA_KEY!r} is reserved")
     extra[METADATA_KEY] = json.dumps({name: _describe(q) for name, q in quantized.items()}, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=extra)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors(path, tensors, extra)
     return path.stat().st_size
 
 

@@ -27,7 +27,9 @@ class CodebookWeight(nn.Module):
         self._initial_codebook = codebook
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
-        values = codebook[self.indices]
+        # index_select, not codebook[indices]: its backward (index_add) sums each shared value's gradients in a
+        # fixed order, where indexing's backward accumulates from several threads in whatever order they run.
+        values = codebook.index_select(0, self.indices.flatten()).view(self.indices.shape)
         if self.sign is not None:
             values = values * self.sign
         # where(), not a multiply by the mask: pruned weights must be +0.0, never -0.0.
