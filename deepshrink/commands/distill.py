@@ -16,6 +16,7 @@ import torch
 from deepshrink.commands import command
 from deepshrink.commands.args import add_data_args, load_data, print_comparison, report_header, run_folder, set_threads, size_kwargs
 from deepshrink.core.errors import InputError
+from deepshrink.core.files import write_atomic
 
 
 def add_commands(sub) -> None:
@@ -154,7 +155,7 @@ def _distill(args: argparse.Namespace) -> int:
         **comparison.to_dict(),
     }
     report["files"] = _write(student, out, data, {"architecture": {"zoo": args.student}, "config": cfg.to_dict()})
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     print_comparison(comparison, f"distill {args.teacher} -> {args.student} ({len(data.test):,} test images)")
     print(f"trained in {seconds:.0f}s; wrote {report['files']['weights']}, {report['files']['onnx']} and {out / 'report.json'}")
     return 0
@@ -223,7 +224,7 @@ def _decompose(args: argparse.Namespace) -> int:
         "latency": {"backend": "onnxruntime", "batch_sizes": [64, 1], "repeats": args.repeats, "threads": args.threads},
     }
     report["files"] = _write(decomposed, out, data, {"architecture": architecture_of(args.model), "config": cfg.to_dict()})
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     replaced = sum(layer.replaced for layer in layers)
     print_comparison(comparison, f"decompose {args.model} ({args.method}, {replaced} of {len(layers)} layers)")
     print(f"Top-1 before fine-tuning {untuned_top1:.2f}%; ONNX Runtime vs torch max|diff| {report['files']['onnx_max_abs_diff']:.2e}")

@@ -13,7 +13,12 @@ def add_commands(sub) -> None:
     p = sub.add_parser("transformer", help="compress a BERT-like encoder (local directory or config.json): prune, SVD, dynamic int8")
     p.add_argument("source", help="model directory (weights read locally) or config.json (random weights from --seed)")
     p.add_argument("--quantize", choices=["none", "dynamic-int8"], default="none")
-    p.add_argument("--weight-type", choices=["uint8", "int8"], default="uint8", help="ONNX weight storage (uint8: exact on every CPU)")
+    p.add_argument(
+        "--weight-type",
+        choices=["auto", "uint8", "int8"],
+        default="auto",
+        help="ONNX weight storage (auto: int8 where the CPU has VNNI/AMX, else uint8)",
+    )
     p.add_argument("--no-fallback", action="store_true", help="quantize every layer (no sensitivity-based fp32 fallback)")
     p.add_argument("--mean-cosine", type=float, default=0.995, help="fallback target: mean pooled-embedding cosine")
     p.add_argument("--min-cosine", type=float, default=0.98, help="fallback target: worst pooled-embedding cosine")
@@ -56,23 +61,29 @@ def stage_configs(args: argparse.Namespace) -> dict:
     return configs
 
 
-def token_batches(args: argparse.Namespace, vocab_size: int) -> tuple[list, str]:
+def token_batches(args: argparse.Namespace, config) -> tuple[list, str]:
     from deepshrink.transformers import load_tokenizer, random_token_batches, read_texts, tokenize
+    from deepshrink.transformers.checks import check_text_lengths, check_tokenizer, max_tokens
 
+    vocab_size, max_length = int(config.vocab_size), max_tokens(args.max_length, config)
     if args.texts is None:
-        batches = random_token_batches(vocab_size, args.samples, max(2, args.max_length // 4), args.max_length, args.batch_size, args.seed)
+        batches = random_token_batches(vocab_size, args.samples, max(2, max_length // 4), max_length, args.batch_size, args.seed)
         return batches, f"{args.samples} random token sequences (seed {args.seed})"
     texts = read_texts(args.texts)
     source = args.tokenizer or (args.source if Path(args.source).is_dir() else None)
     if source is None:
         raise InputError("--texts needs a tokenizer: give --tokenizer (tokenizer.json or a directory)")
-    return tokenize(texts, load_tokenizer(source), args.batch_size, args.max_length), f"{len(texts)} texts from {args.texts}"
+    tokenizer = load_tokenizer(source)
+    check_tokenizer(tokenizer, config)
+    check_text_lengths(texts, tokenizer, config)
+    return tokenize(texts, tokenizer, args.batch_size, max_length), f"{len(texts)} texts from {args.texts}"
 
 
 @command("transformer")
 def _transformer(args: argparse.Namespace) -> int:
     import torch
 
+    from deepshrink.core.files import write_atomic
     from deepshrink.core.methods import Context, apply_method
     from deepshrink.transformers import check_batches, load_encoder
     from deepshrink.transformers.fallback import quantize_with_fallback
@@ -81,10 +92,9 @@ def _transformer(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_encoder(args.source, seed=args.seed)
-    batches, data = token_batches(args, int(model.config.vocab_size))
+    batches, data = token_batches(args, model.config)
     batches = check_batches(batches, int(model.config.vocab_size))
-    out = Path(args.out or f"runs/transformer-{Path(args.source).stem}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or f"runs/transformer-{Path(args.source).stem}")  # written only once everything is measured
     compressed, stages = model, {}
     for name in ("prune", "svd"):
         if name in configs:
@@ -99,7 +109,9 @@ def _transformer(args: argparse.Namespace) -> int:
             stages["quantize"] = found.to_dict()
     report = measure(model, compressed, batches, out, args)
     report.update(source=str(args.source), data=data, stages=stages)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for side, proto in report.pop("protos").items():
+        write_atomic(out / f"{side}.onnx", proto)
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     print_report(report, args.json)
     return 0
 
@@ -107,11 +119,11 @@ def _transformer(args: argparse.Namespace) -> int:
 def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
     """Params, ONNX bytes, pooled-embedding fidelity to the original (torch and ORT) and ORT latency, before and after."""
     from deepshrink.compress.quant.dynamic import dynamic_quant_layers, parameter_count
+    from deepshrink.compress.quant.onnx_dynamic import cpu_weight_type
     from deepshrink.evaluate.compare import compare, latency_key
     from deepshrink.evaluate.fidelity import fidelity
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
-    from deepshrink.export.onnx import write_atomic
     from deepshrink.transformers import encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
     from deepshrink.transformers.export import ort_feed
 
@@ -120,12 +132,14 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
     quantized = bool(dynamic_quant_layers(compressed))
     sides["compressed"] = (
         compressed,
-        encoder_dynamic_onnx(compressed, weight_type=args.weight_type) if quantized else encoder_onnx_bytes(compressed),
+        encoder_dynamic_onnx(compressed, weight_type=cpu_weight_type() if args.weight_type == "auto" else args.weight_type)
+        if quantized
+        else encoder_onnx_bytes(compressed),
     )
     batch = batches[0]["input_ids"].shape
-    measured, files = {}, {}
+    measured, files, protos = {}, {}, {}
     for side, (model, proto) in sides.items():
-        files[side] = str(write_atomic(out / f"{side}.onnx", proto))
+        files[side], protos[side] = str(out / f"{side}.onnx"), proto  # written by the caller once everything is measured
         session = ort_session(proto, args.threads)
         feed = ort_feed(session, batches[0])
         median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), args.repeats)
@@ -146,6 +160,7 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
         "fidelity_samples": torch_fidelity.samples,
         "latency": {"batch": list(batch), "repeats": args.repeats, "threads": args.threads},
         "files": files,
+        "protos": protos,
     }
 
 

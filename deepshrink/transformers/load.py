@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from deepshrink.core.errors import InputError
+from deepshrink.transformers.checks import WEIGHT_FILES, check_architecture, check_model_dir
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask[, token_type_ids]
 PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def require_transformers():
@@ -34,18 +34,22 @@ def load_encoder(source: Any, num_labels: int | None = None, seed: int = 0) -> n
     """An encoder in eval mode: ``AutoModel`` (or ``AutoModelForSequenceClassification`` when
     ``num_labels`` is set) from a model directory, a ``config.json``, a dict or a config object.
 
-    A directory without weights, and every config, gets random weights drawn
-    with ``seed``; a directory with weights loads them (safetensors preferred).
+    A config (a ``config.json`` given as such, a dict, an object) gets random
+    weights drawn with ``seed``; a directory loads its weights (safetensors
+    preferred) and must have some. Only BERT-like encoders are accepted.
     """
     tf = require_transformers()
     auto = tf.AutoModel if num_labels is None else tf.AutoModelForSequenceClassification
     extra = {} if num_labels is None else {"num_labels": num_labels}
     path = Path(source) if isinstance(source, (str, Path)) else None
+    if path is not None:
+        check_model_dir(path)
     if path is not None and path.is_dir() and any((path / f).is_file() for f in WEIGHT_FILES):
         try:
             model = auto.from_pretrained(str(path), local_files_only=True, **extra)
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        check_architecture(model)
         return model.eval()
     config = load_config(source)
     for key, value in extra.items():
@@ -53,6 +57,7 @@ def load_encoder(source: Any, num_labels: int | None = None, seed: int = 0) -> n
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = auto.from_config(config)
+    check_architecture(model)
     return model.eval()
 
 

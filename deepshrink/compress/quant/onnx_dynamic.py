@@ -33,11 +33,18 @@ from torch import nn
 
 from deepshrink.compress.quant.dynamic import dequantized_copy, dynamic_quant_layers, quantize_per_channel
 from deepshrink.core.errors import InputError
+from deepshrink.core.hardware import cpu_has_vnni
 from deepshrink.export.names import NameGen
 from deepshrink.export.onnx import check_exported, onnx_bytes
 
 WeightType = Literal["uint8", "int8"]
 Kind = Literal["matmul", "gather"]
+
+
+def cpu_weight_type() -> WeightType:
+    """int8 weights where the CPU has VNNI/AMX (ORT's u8 x s8 kernels are exact there, and fastest);
+    uint8 elsewhere, where those kernels saturate and the u8 x u8 ones stay exact."""
+    return "int8" if cpu_has_vnni() else "uint8"
 
 
 @dataclass(frozen=True)
