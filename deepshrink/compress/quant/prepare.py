@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from deepshrink.distributed import current_placement
 from deepshrink.compress.quant.calibration import activation_spec, weight_spec
 from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, fake_quant_layers
 from deepshrink.compress.quant.primitives import QuantSpec
@@ -206,10 +207,15 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_observer
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.enabled = False
     seen = 0
-    device = next(model.parameters()).device  # a model on a GPU calibrates there
-    for batch in batches:
-        model(batch.to(device))
-        seen += len(batch)
+    home = next(model.parameters()).device
+    device = current_placement().device or home  # --device moves calibration too; a model on a GPU calibrates there
+    model.to(device)
+    try:
+        for batch in batches:
+            model(batch.to(device))
+            seen += len(batch)
+    finally:
+        model.to(home)  # the caller gets its model back where it was; observers' statistics move with it
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.calibrate(layer.weight, weight_observer)
         layer.weight_quant.enabled = True
