@@ -20,7 +20,6 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from deepshrink.distributed import current_placement
 from deepshrink.compress.quant.calibration import activation_spec, weight_spec
 from deepshrink.compress.quant.modules import ActQuant, QuantConv2d, QuantLinear, WeightQuantizer, act_quantizers, fake_quant_layers
 from deepshrink.compress.quant.primitives import QuantSpec
@@ -28,6 +27,7 @@ from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.modules import replace_module
+from deepshrink.distributed import current_placement
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RELU_MODULES = (nn.ReLU,)
