@@ -120,6 +120,19 @@ def current_placement() -> Placement:
 
 
 @contextlib.contextmanager
+def on_placement_device(model: "torch.nn.Module") -> Iterator[torch.device]:
+    """Run a block with ``model`` on the ambient ``--device`` (where it already is when none was
+    given), then put it back: calibration and evaluation follow the device flag, files never do."""
+    home = next(model.parameters(), torch.empty(0)).device
+    device = current_placement().device or home
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
+
+
+@contextlib.contextmanager
 def placed(placement: Placement) -> Iterator[Placement]:
     """Run a block with ``placement`` as every Trainer's default."""
     token = _PLACEMENT.set(placement)

@@ -27,6 +27,7 @@ from deepshrink.core.determinism import determinism_record, deterministic
 from deepshrink.core.errors import DeepShrinkError, InputError
 from deepshrink.core.methods import Context, apply_method, registration, write_output
 from deepshrink.data.datasets import DataBundle
+from deepshrink.distributed import on_placement_device
 from deepshrink.encode.pack import pack
 from deepshrink.evaluate.accuracy import evaluate_accuracy
 from deepshrink.evaluate.environment import environment
@@ -125,7 +126,8 @@ def weight_count(model: nn.Module) -> tuple[int, int]:
 
 
 def _stage_row(label: str, model: nn.Module, data: DataBundle, seconds: float, dsz_bytes: int | None = None) -> StageRow:
-    accuracy = evaluate_accuracy(model, data.test)
+    with on_placement_device(model):
+        accuracy = evaluate_accuracy(model, data.test)
     params, nonzero = weight_count(model)
     return StageRow(label, accuracy.top1, accuracy.top5, params, nonzero, stored_bytes(model), dsz_bytes, 4 * params, seconds)
 

@@ -27,7 +27,7 @@ from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.modules import replace_module
-from deepshrink.distributed import current_placement
+from deepshrink.distributed import on_placement_device
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RELU_MODULES = (nn.ReLU,)
@@ -207,15 +207,10 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_observer
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.enabled = False
     seen = 0
-    home = next(model.parameters()).device
-    device = current_placement().device or home  # --device moves calibration too; a model on a GPU calibrates there
-    model.to(device)
-    try:
+    with on_placement_device(model) as device:  # --device moves calibration too; a model on a GPU calibrates there
         for batch in batches:
             model(batch.to(device))
             seen += len(batch)
-    finally:
-        model.to(home)  # the caller gets its model back where it was; observers' statistics move with it
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.calibrate(layer.weight, weight_observer)
         layer.weight_quant.enabled = True

@@ -17,8 +17,8 @@ from torch import nn
 
 from deepshrink.compress.share.shared import finetune_tied, tie
 from deepshrink.core.config import Config, Scope, check_range
+from deepshrink.core.hashing import HASH, position_hash
 from deepshrink.core.methods import Context, method
-from deepshrink.encode.hashed import HASH, position_hash
 from deepshrink.train import TrainConfig
 
 
