@@ -42,11 +42,11 @@ def add_commands(sub) -> None:
 def stage_configs(args: argparse.Namespace) -> dict:
     """The method configs for the flags, built before any loading so a bad flag fails at once."""
     from deepshrink.compress.quant.dynamic import DynamicQuant
-    from deepshrink.transformers import Distill, TransformerPrune, TransformerSVD
+    from deepshrink.transformers import TransformerDistill, TransformerPrune, TransformerSVD
 
     configs = {}
     if args.prune_heads or args.prune_neurons:
-        distill = Distill(steps=args.distill_steps, seed=args.seed) if args.distill_steps else None
+        distill = TransformerDistill(steps=args.distill_steps, seed=args.seed) if args.distill_steps else None
         configs["prune"] = TransformerPrune(heads=args.prune_heads, neurons=args.prune_neurons, importance=args.importance, distill=distill)
     elif args.distill_steps:
         raise InputError("--distill-steps repairs a pruned model: give --prune-heads or --prune-neurons too")
