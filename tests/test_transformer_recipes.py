@@ -102,3 +102,28 @@ def test_an_empty_texts_file_is_one_line(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["compress", str(model_dir / "model"), "--recipe", "transformer-int8", "--texts", str(empty), "--out", str(out)])
     assert "no texts" in run_bad(capsys, out, code)
+
+
+@pytest.mark.parametrize("recipe, ops", [("transformer-int8", INT8_OPS), ("transformer-int4", {"MatMulNBits"})])
+def test_recipe_on_an_onnx_encoder(tmp_path, capsys, recipe, ops):
+    """The same recipes on an ONNX file of the encoder (ONNX-in): quantized ops, and the file stays close to the fp32 graph."""
+    import numpy as np
+
+    config = dt.bert_config(vocab_size=64, hidden_size=64, layers=2, heads=2, intermediate_size=128, max_positions=32)
+    source = tmp_path / "encoder.onnx"
+    source.write_bytes(dt.encoder_onnx_bytes(dt.load_encoder(config, seed=0)))
+    batch = {k: v.numpy() for k, v in dt.random_token_batches(64, 32, 4, 16, batch_size=32, seed=1)[0].items()}
+    np.savez(tmp_path / "tokens.npz", **batch)
+    out = tmp_path / "run"
+    code = main(["compress", str(source), "--recipe", recipe, "--npz", str(tmp_path / "tokens.npz"), "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    quantized = onnx.load(str(out / "model.onnx"))
+    assert ops & {node.op_type for node in quantized.graph.node}
+    got = ort_session(quantized.SerializeToString(), 1).run(None, batch)[0]
+    expected = ort_session(source.read_bytes(), 1).run(None, batch)[0]
+    mask = batch["attention_mask"].astype(bool)
+    a, b = got[mask], expected[mask]  # every real token's hidden state
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.999
+    stage = json.loads((out / "report.json").read_text())["stages"][-1]
+    assert stage["onnx_bytes"] == (out / "model.onnx").stat().st_size < source.stat().st_size / 2
