@@ -18,7 +18,7 @@ resumed ends with the same weights as an uninterrupted one.
 
 import contextlib
 import functools
-import os
+import io
 import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
 from deepshrink.core.errors import InputError
+from deepshrink.core.files import write_atomic
 from deepshrink.data.datasets import ImageSet, augment_batch, iterate_batches
 from deepshrink.distributed import (
     SINGLE_PROCESS,
@@ -298,10 +299,9 @@ class Trainer:
         if self.checkpoint is None:
             return
         if self.world.is_main:
-            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-            torch.save(self._state(), tmp)
-            os.replace(tmp, self.checkpoint)  # atomic: an interrupt never leaves half a checkpoint
+            buffer = io.BytesIO()
+            torch.save(self._state(), buffer)
+            write_atomic(self.checkpoint, buffer.getvalue())  # a crash never leaves half a checkpoint
         if self.world.distributed:
             barrier()
 

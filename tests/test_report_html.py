@@ -37,7 +37,9 @@ def _row(model, method, top1, size, latency, macs, effective=None, status="ok"):
         "effective_macs": effective,
         "ort_b1_ms": 0.05,
         "ort_b64_ms": latency,
-        "peak_rss_mb": 412.0,
+        "ort_session_mb": 1.1,
+        "ort_b64_peak_mb": 8.5,
+        "steps_peak_mb": 412.0,
         "seconds": 12.5,
     }
 
@@ -181,7 +183,9 @@ def test_tables_and_missing_values(report: Path):
     header = study[0]
     for name in ("model", "method", "Top-1 %", "Top-5 %", "params", "non-zero params", "bytes", "compression ratio"):
         assert name in header
-    assert {"MMACs dense", "MMACs effective", "ORT b1 ms", "ORT b64 ms", "peak memory MB", "time s"} <= set(header)
+    assert {"MMACs dense", "MMACs effective", "ORT b1 ms", "ORT b64 ms", "ORT MB", "ORT b64 peak MB", "steps peak MB", "time s"} <= set(
+        header
+    )
     assert len(study) == 1 + len(STUDY)
     failed = dict(zip(header, study[-1], strict=True))
     assert failed["Top-1 %"] == "-" and failed["bytes"] == "-" and failed["MMACs dense"] == "-"

@@ -161,3 +161,14 @@ def test_full_deep_compression_twice_writes_the_same_bytes(tmp_path):
     a, b = artifact_hashes(tmp_path / "a"), artifact_hashes(tmp_path / "b")
     assert {"model.dsz", "model.onnx", "step1_prune.safetensors", "step2_share.safetensors"} <= set(a)
     assert a == b
+
+
+@pytest.mark.flow
+def test_deterministic_flag_runs_strict_and_writes_the_same_bytes(runs, tmp_path):
+    """``--deterministic`` makes any op without a deterministic kernel an error; on CPU every op the
+    deep-compression recipe uses has one, so the strict run finishes and writes run A's bytes."""
+    root, recipes = runs
+    out = tmp_path / run_name("deep_compression", "lenet300")
+    run_pass([(recipes["deep_compression"], "lenet300", out)], [*FLAGS, "--deterministic"])
+    assert json.loads((out / "report.json").read_text())["determinism"]["deterministic_algorithms"] == "strict"
+    assert artifact_hashes(out) == artifact_hashes(root / "a" / run_name("deep_compression", "lenet300"))

@@ -297,6 +297,6 @@ def test_two_cell_study_on_local_ray_matches_the_process_pool(tmp_path):
         rows[executor] = {r["method"]: r for r in result.rows}
         lines = (tmp_path / executor / "cells.jsonl").read_text().splitlines()
         assert len(lines) == 2 and all(json.loads(line)["status"] == "ok" for line in lines)
-    for key in ("top1", "onnx_top1", "bytes"):
+    for key in ("top1", "top1_ort", "bytes"):
         assert rows["ray"]["int8 PTQ"][key] == rows["process"]["int8 PTQ"][key], key
     assert rows["ray"]["int8 PTQ"]["top1"] > 85.0

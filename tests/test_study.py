@@ -9,7 +9,18 @@ import torch
 from deepshrink import cli
 from deepshrink.core.errors import InputError
 from deepshrink.pipeline.recipe import load_recipe
-from deepshrink.pipeline.study import BUDGETS, STUDY_METHODS, Budget, budgeted_recipe, cap_epochs, resolve_methods, run_study
+from deepshrink.pipeline.study import (
+    BUDGETS,
+    STUDY_METHODS,
+    Budget,
+    StudyResult,
+    budgeted_recipe,
+    cap_epochs,
+    mark_unconverged,
+    resolve_methods,
+    run_study,
+    write_study_reports,
+)
 
 unit = pytest.mark.unit
 flow = pytest.mark.flow
@@ -29,13 +40,18 @@ def test_cap_epochs_caps_every_training_and_keeps_the_rest():
 
 @unit
 def test_every_study_method_is_a_valid_shipped_recipe_capped_to_the_budget():
+    quick = BUDGETS["quick"]
     trained = set()
     for method, recipe in STUDY_METHODS.items():
         written = [v for _, cfg in load_recipe(recipe).steps for v in _epochs(cfg.to_dict())]
-        capped = [v for _, cfg in budgeted_recipe(recipe, BUDGETS["quick"]).steps for v in _epochs(cfg.to_dict())]
-        assert capped == [min(e, 1) for e in written], method
+        capped = [v for _, cfg in budgeted_recipe(recipe, quick).steps for v in _epochs(cfg.to_dict())]
+        assert capped == [min(e, quick.epoch_cap(recipe)) for e in written], method
         trained |= {method} if written else set()
     assert trained == set(STUDY_METHODS) - {"original fp32", "int8 PTQ"}  # every training method is capped, not skipped
+    # pruning recovers over a few epochs (its own caps); the rest get one
+    assert quick.epoch_cap("prune-unstructured") == 3 and quick.epoch_cap("prune-structured-50") == 5
+    assert max(_epochs(budgeted_recipe("prune-unstructured", quick).steps[0][1].to_dict())) == 3
+    assert max(_epochs(budgeted_recipe("kd-student", quick).steps[1][1].to_dict())) == 1
 
 
 def _epochs(tree):
@@ -138,3 +154,28 @@ def test_study_marks_a_method_with_nothing_to_do_not_applicable(tmp_path, capsys
     assert rows[str(recipe)]["status"].startswith("n/a: decompose (svd)")
     assert rows["int8 PTQ"]["status"] == "ok"
     assert "n/a: decompose" in (out / "study.md").read_text()
+
+
+@unit
+def test_a_cell_far_below_its_fp32_start_is_marked_not_converged(tmp_path):
+    start = {"model": "resnet20", "status": "ok", "original_top1": 93.55}
+    rows = [
+        start | {"method": "original fp32", "top1": 93.55},
+        start | {"method": "int8 PTQ", "top1": 93.45},
+        start | {"method": "structured prune", "top1": 88.6},  # 4.95pp below: a result
+        start | {"method": "unstructured prune", "top1": 30.35},  # the quick budget's cut-short training
+        {"model": "resnet20", "method": "Tucker", "status": "n/a: decompose (tucker)"},
+    ]
+    shown = [mark_unconverged(r) for r in rows]
+    assert [r["status"] for r in shown[:3]] == ["ok"] * 3 and shown[4] == rows[4]
+    assert shown[3]["status"] == "not converged at this budget: Top-1 30.35% vs 93.55% fp32"
+    assert rows[3]["status"] == "ok"  # the measured row (study.json, cells.jsonl) is untouched
+    result = StudyResult(tmp_path, rows, TINY, 1.0, 1, 1)
+    write_study_reports(result)
+    table = (tmp_path / "study.md").read_text()
+    assert "| resnet20 | unstructured prune (not converged at this budget: Top-1 30.35% vs 93.55% fp32) | 30.35 |" in table
+    assert table.count("not converged at this budget") == 2  # the row and the note under the table
+    html = (tmp_path / "report.html").read_text()
+    assert '<tr class="failed"><td class="text">resnet20</td><td class="text">unstructured prune</td>' in html
+    assert "not converged at this budget: Top-1 30.35% vs 93.55% fp32" in html
+    assert json.loads((tmp_path / "study.json").read_text())["rows"][3]["status"] == "ok"

@@ -16,6 +16,7 @@ import torch
 from deepshrink.commands import command
 from deepshrink.commands.args import add_data_args, load_data, print_comparison, report_header, run_folder, set_threads, size_kwargs
 from deepshrink.core.errors import InputError
+from deepshrink.core.files import write_atomic
 
 
 def add_commands(sub) -> None:
@@ -60,6 +61,8 @@ def _add_decompose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-rank", action="append", default=[], metavar="LAYER=RANK", help="fixed rank for one layer (repeatable)")
     p.add_argument("--include", default=None, help="regex of layer names to decompose")
     p.add_argument("--exclude", default=None, help="regex of layer names to leave alone")
+    p.add_argument("--round-to", type=int, default=8, help="round ranks down to a multiple of this (ORT convolves 8 channels at a time)")
+    p.add_argument("--force", action="store_true", help="factorise every layer that saves MACs, even where ORT runs it slower")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs after factorising (0: none)")
     p.add_argument("--kd", action="store_true", help="fine-tune by distilling from the original model")
     p.add_argument("--repeats", type=int, default=20, help="ORT latency runs per batch size")
@@ -108,6 +111,11 @@ def _sides(models: dict, data, threads: int | None, repeats: int = 0) -> dict[st
     return sides
 
 
+def _slower_batches(before: dict, after: dict) -> list[int]:
+    """The batch sizes at which the compressed model's ORT median is above the original's."""
+    return [batch for batch in (64, 1) if f"ort_b{batch}_ms" in after and after[f"ort_b{batch}_ms"] > before[f"ort_b{batch}_ms"]]
+
+
 def _write(model, out: Path, data, metadata: dict) -> dict[str, str]:
     """Weights (safetensors) and ONNX; returns the paths and ORT's max|diff| from torch on a test batch."""
     from deepshrink.export import export_onnx, ort_session, verify_onnx
@@ -154,7 +162,7 @@ def _distill(args: argparse.Namespace) -> int:
         **comparison.to_dict(),
     }
     report["files"] = _write(student, out, data, {"architecture": {"zoo": args.student}, "config": cfg.to_dict()})
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     print_comparison(comparison, f"distill {args.teacher} -> {args.student} ({len(data.test):,} test images)")
     print(f"trained in {seconds:.0f}s; wrote {report['files']['weights']}, {report['files']['onnx']} and {out / 'report.json'}")
     return 0
@@ -184,6 +192,8 @@ def _decompose_config(args: argparse.Namespace):
         energy=args.energy,
         compression=args.compression,
         layer_ranks=_pairs(args.layer_rank, "--layer-rank", int) or None,
+        round_to=args.round_to,
+        latency_check=not args.force,
         scope=Scope(include=args.include, exclude=args.exclude),
         seed=args.seed,
         finetune=_train_config(args, args.epochs) if args.epochs else None,
@@ -207,13 +217,15 @@ def _decompose(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, args.weights)
     data = load_data(args, train_subset=args.train_subset)
     start = time.perf_counter()
-    decomposed, layers = decompose_required(copy.deepcopy(model), cfg)
+    decomposed, layers = decompose_required(copy.deepcopy(model), cfg, data.input_shape)
     untuned_top1 = evaluate_accuracy(decomposed, data.test).top1
     if cfg.finetune is not None:
         finetune_with_kd(decomposed, cfg.finetune, data, model if cfg.distill else None, cfg.distill, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     sides = _sides({"original": model, "decomposed": decomposed}, data, args.threads, args.repeats)
-    comparison = compare(sides["original"], {**sides["decomposed"], "top1_before_finetune": untuned_top1}, ("original", "decomposed"))
+    slower = _slower_batches(sides["original"], sides["decomposed"])
+    label = "decomposed (SLOWER than the original)" if slower else "decomposed"
+    comparison = compare(sides["original"], {**sides["decomposed"], "top1_before_finetune": untuned_top1}, ("original", label))
     out = Path(run_folder(args, "decompose", args.model, args.method))
     report = {
         **report_header(cfg, data, model=args.model, method=args.method),
@@ -221,11 +233,14 @@ def _decompose(args: argparse.Namespace) -> int:
         "layers": [asdict(layer) for layer in layers],
         "time_s": seconds,
         "latency": {"backend": "onnxruntime", "batch_sizes": [64, 1], "repeats": args.repeats, "threads": args.threads},
+        "slower_than_original": slower,
     }
     report["files"] = _write(decomposed, out, data, {"architecture": architecture_of(args.model), "config": cfg.to_dict()})
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     replaced = sum(layer.replaced for layer in layers)
     print_comparison(comparison, f"decompose {args.model} ({args.method}, {replaced} of {len(layers)} layers)")
+    if slower:
+        print(f"warning: the decomposed model is slower than the original in ONNX Runtime at batch {', '.join(map(str, slower))}")
     print(f"Top-1 before fine-tuning {untuned_top1:.2f}%; ONNX Runtime vs torch max|diff| {report['files']['onnx_max_abs_diff']:.2e}")
     print(f"wrote {report['files']['weights']}, {report['files']['onnx']} and {out / 'report.json'}")
     return 0

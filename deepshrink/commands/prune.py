@@ -6,6 +6,7 @@ import json
 from deepshrink.commands import command
 from deepshrink.commands.args import add_data_args, load_data, print_comparison, report_header, run_folder, set_threads
 from deepshrink.core.errors import DeepShrinkError
+from deepshrink.core.files import write_atomic
 
 
 def add_commands(sub) -> None:
@@ -80,7 +81,7 @@ def _prune(args: argparse.Namespace) -> int:
         "prune_time_s": prune_time,
         "files": files,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     title = f"prune {report['model']} ({report['method']}) on {report['dataset']} test ({report['test_images']:,} images)"
     print_comparison(comparison, title)
     print(f"ONNX Runtime vs torch on the pruned model: max|diff| {diff:.2e}")
@@ -166,6 +167,6 @@ def _prune_sensitivity(model, data, cfg, args: argparse.Namespace, out) -> dict[
         except DeepShrinkError as exc:  # e.g. a target above the measured levels: the analysis still stands
             payload["suggested_layer_sparsity"] = None
             payload["suggestion_error"] = str(exc)
-    (out / "sensitivity.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(out / "sensitivity.json", (json.dumps(payload, indent=2) + "\n").encode())
     png = plot_sensitivity(result, out / "sensitivity.png", title=f"{args.model}: per-layer sensitivity ({len(val):,} validation images)")
     return {"sensitivity_json": str(out / "sensitivity.json"), "sensitivity_png": str(png)}

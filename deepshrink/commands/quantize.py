@@ -9,6 +9,7 @@ from pathlib import Path
 from deepshrink.commands import command
 from deepshrink.commands.args import add_data_args, load_data, print_comparison, report_header, run_folder, set_threads
 from deepshrink.core.errors import DeepShrinkError
+from deepshrink.core.files import write_atomic
 
 SCHEMES = ("ptq", "qat", "binary", "ternary", "mixed")
 LATENCY_BATCHES = (64, 1)
@@ -72,8 +73,8 @@ def _quantize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     report, comparison = _report(model, qmodel, cfg, data, out, args)
     report["quantize_time_s"] = seconds
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(_markdown(report, comparison))
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(out / "report.md", _markdown(report, comparison).encode())
     print_comparison(comparison, f"{report['model']}: {report['scheme']}")
     print(f"wrote {out / 'model.safetensors'}, {out / 'model.onnx'}, {out / 'report.json'} and {out / 'report.md'}")
     return 0

@@ -9,7 +9,7 @@ def add_commands(sub) -> None:
     from deepshrink.pipeline.study import BUDGETS, STUDY_METHODS
 
     p = sub.add_parser("study", help="compare compression methods on several models; writes study.md/json and report.html")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="quick", help="quick: minutes (2 models, 1 epoch, subsets); full: hours")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="quick", help="quick: minutes (2 models, 1-5 epochs); full: hours")
     p.add_argument("--models", default=None, help="comma-separated zoo models (default: the budget's)")
     p.add_argument("--methods", default=None, help=f"comma-separated methods or recipe names/paths (default: {', '.join(STUDY_METHODS)})")
     p.add_argument("--out", default=None, help="study folder (default: runs/study-<budget>); re-running resumes")

@@ -6,7 +6,9 @@ entropy-coded cluster indices; if it has zeros, the smaller of two layouts is
 kept: dense indices with a "zero" symbol, or Deep Compression's sparse layout
 (relative position gaps with fillers + indices of the non-zeros only). Each
 symbol stream is coded with canonical Huffman or rANS, whichever is smaller.
-Every other tensor is stored raw. The manifest is JSON and names an
+A HashedNets layer (the model's ``hash_specs``) is stored as its buckets and hash
+spec (``encode.hashed``) when its weight still hashes back exactly. Every other
+tensor is stored raw. The manifest is JSON and names an
 architecture (a zoo model or a ``module:function``), never code to execute.
 """
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from deepshrink.encode.container import DszError, manifest_share, read_archive, write_archive
 from deepshrink.encode.entropy import total_entropy_bits
+from deepshrink.encode.hashed import HASH, buckets_of, hashed_weight
 from deepshrink.encode.huffman import HuffmanStream, huffman_decode, huffman_encode
 from deepshrink.encode.rans import RansStream, rans_decode, rans_encode
 from deepshrink.encode.sparse import decode_positions, encode_positions
@@ -134,13 +137,26 @@ def _distinct_nonzero(flat: np.ndarray) -> np.ndarray | None:
     return values if len(values) <= MAX_CODEBOOK else None
 
 
-def encode_tensor(name: str, tensor: torch.Tensor) -> tuple[dict, dict[str, bytes], TensorStats]:
+def _encode_hashed(entry: dict, flat: np.ndarray, spec: dict) -> tuple[dict, dict[str, bytes], TensorStats] | None:
+    """The buckets and hash spec of a hashed weight; None if the weight no longer hashes back exactly."""
+    values = buckets_of(flat, int(spec["buckets"]), int(spec["seed"])) if spec.get("hash") == HASH else None
+    if values is None:
+        return None
+    entry.update(codec="hashed", buckets=len(values), seed=int(spec["seed"]), hash=HASH)
+    data = values.astype("<f4").tobytes()
+    return entry, {"buckets": data}, TensorStats(entry["name"], "hashed", flat.size, len(data), 8.0 * len(data), float(len(data)))
+
+
+def encode_tensor(name: str, tensor: torch.Tensor, hash_spec: dict | None = None) -> tuple[dict, dict[str, bytes], TensorStats]:
     if tensor.dtype not in _DTYPES:
         raise DszError(f"tensor {name!r}: dtype {tensor.dtype} is not supported by the .dsz format")
     array = tensor.detach().cpu().contiguous().numpy()
     entry = {"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
     raw = array.astype(_DTYPES[tensor.dtype], copy=False).tobytes()
     flat = array.reshape(-1)
+    hashed = _encode_hashed(entry, flat, hash_spec) if hash_spec else None
+    if hashed is not None:
+        return hashed
     # Only +0.0 may be left out of a codebook/sparse layout: -0.0 would come back as +0.0.
     compressible = tensor.dtype == torch.float32 and tensor.numel() >= 64 and not np.signbit(flat[flat == 0]).any()
     if compressible:
@@ -179,6 +195,8 @@ def decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
         flat = np.zeros(numel, np.float32)
         flat[positions] = values
         return torch.from_numpy(flat).view(shape)
+    if entry["codec"] == "hashed":
+        return _decode_hashed(entry, streams["buckets"], numel).view(shape)
     if entry["codec"] != "codebook":
         raise DszError(f"tensor {name!r}: unknown codec {entry['codec']!r}")
     codebook = np.frombuffer(streams["codebook"], "<f4")
@@ -197,6 +215,15 @@ def decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
             raise DszError(f"tensor {name!r}: {positions.size} positions for {symbols.size} indices")
         flat[positions] = values[symbols]
     return torch.from_numpy(flat.astype(np.float32)).view(shape)
+
+
+def _decode_hashed(entry: dict, data: bytes, numel: int) -> torch.Tensor:
+    if entry.get("hash") != HASH:
+        raise DszError(f"tensor {entry['name']!r}: unknown hash {entry.get('hash')!r} (this version reads {HASH})")
+    buckets = np.frombuffer(data, "<f4")
+    if buckets.size != entry["buckets"] or not 1 <= buckets.size <= max(numel, 1):
+        raise DszError(f"tensor {entry['name']!r}: {buckets.size} stored buckets, the entry says {entry['buckets']}")
+    return torch.from_numpy(hashed_weight(buckets, numel, int(entry["seed"])))
 
 
 # -- the model archive -------------------------------------------------------------
@@ -219,9 +246,10 @@ def pack(model: nn.Module | dict[str, torch.Tensor], path: str | Path, architect
     """Write ``model``'s state dict to ``path`` (.dsz); ``architecture`` lets ``unpack`` rebuild the model,
     e.g. ``{"zoo": "lenet300"}`` or ``{"module": "pkg.mod:build"}``."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
+    hash_specs = getattr(model, "hash_specs", None) or {}  # set by HashShare: its layers pack as buckets
     entries, streams, stats, sizes = [], {}, [], {}
     for name, tensor in state.items():
-        entry, tensor_streams, tensor_stats = encode_tensor(name, tensor)
+        entry, tensor_streams, tensor_stats = encode_tensor(name, tensor, hash_specs.get(name))
         entries.append(add_streams(entry, name, tensor_streams, streams))
         stats.append(tensor_stats)
         sizes[name] = tensor_archive_bytes(entries[-1], tensor_streams)

@@ -61,6 +61,8 @@ METRICS: dict[str, Metric] = {
     "cosine_mean_ort": Metric("pooled cosine mean (ORT)", _fixed(5), ""),
     "cosine_min_ort": Metric("pooled cosine min (ORT)", _fixed(5), ""),
     "peak_rss_mb": Metric("peak memory MB", _fixed(1)),
+    "ort_session_mb": Metric("ORT session MB (deepshrink.evaluate.memory)", _fixed(2)),
+    "ort_b64_peak_mb": Metric("ORT batch-64 peak MB", _fixed(2)),
     "seconds": Metric("time s", _fixed(1), ""),
 }
 _LATENCY = re.compile(r"ort_b(\d+)(_p90)?_ms")

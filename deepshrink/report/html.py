@@ -50,7 +50,9 @@ STUDY_COLUMNS = [
     Column("MMACs effective", _mega("effective_macs"), "{:,.2f}"),
     Column("ORT b1 ms", _get("ort_b1_ms"), "{:.3f}"),
     Column("ORT b64 ms", _get("ort_b64_ms"), "{:.2f}"),
-    Column("peak memory MB", _get("peak_rss_mb"), "{:,.0f}"),
+    Column("ORT MB", _get("ort_session_mb"), "{:,.2f}"),
+    Column("ORT b64 peak MB", _get("ort_b64_peak_mb"), "{:,.2f}"),
+    Column("steps peak MB", _get("steps_peak_mb"), "{:,.0f}"),
     Column("time s", _get("seconds"), "{:,.1f}"),
     Column("status", _get("status")),
 ]

@@ -1,12 +1,18 @@
 """The ``Decompose`` method: factorise layers in scope, then optionally fine-tune (with KD).
 
 ``svd`` factorises Linear layers, ``tucker`` and ``cp`` factorise kxk Conv2d
-layers (groups 1). A layer whose factorisation would not cut its MACs is left
-as it is, and says so in the per-layer record.
+layers (groups 1, more than one input channel). A layer whose factorisation
+would not cut its MACs is left as it is, and so, by default, is a layer whose
+factorised form ONNX Runtime does not run faster (timed alone, at the target
+batch): fewer MACs in three thin convolutions can take longer than one wide
+one. The per-layer record says which and why.
 """
 
 import copy
-from dataclasses import dataclass
+import functools
+import statistics
+import time
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -38,7 +44,12 @@ from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError, NotApplicable
 from deepshrink.core.methods import Context, method
 from deepshrink.core.modules import replace_module
+from deepshrink.export.onnx import onnx_bytes, ort_session, run_ort
 from deepshrink.train import TrainConfig
+
+LATENCY_MARGIN = 0.95  # a factorised layer must save 5% of the layer's time: less is timing noise, paid for in accuracy
+LATENCY_PAIRS = 30  # alternating (original, factorised) runs per layer timing, after 3 warm-up pairs
+DECOMPOSED_KEY = "decomposed_layers"  # checkpoint metadata: the layers the latency check kept factorised
 
 
 @dataclass(frozen=True)
@@ -49,15 +60,20 @@ class Decompose(Config):
     that factor). ``layer_ranks`` fixes ranks of named layers on top. ``round_to``
     rounds chosen ranks down to a multiple (not below it): ONNX Runtime's CPU
     convolutions work in blocks of 8 channels, so other counts save MACs but no
-    time. ``finetune`` trains after factorising; ``distill`` makes that training
-    KD from the original."""
+    time. ``latency_check`` keeps a layer factorised only where ONNX Runtime
+    runs the factorised layer faster than the original one at ``latency_batch``
+    (needs data, for the input shape); ``latency_check: false`` forces every
+    layer that saves MACs. ``finetune`` trains after factorising; ``distill``
+    makes that training KD from the original."""
 
     method: Literal["svd", "tucker", "cp"] = "svd"
     rank: int | Literal["auto"] | None = None
     energy: float | None = None
     compression: float | None = None
     layer_ranks: dict[str, int] | None = None
-    round_to: int = 1
+    round_to: int = 8
+    latency_check: bool = True
+    latency_batch: int = 64
     scope: Scope = Scope()
     hooi_iters: int = 2
     cp_iters: int = 200
@@ -82,6 +98,8 @@ class Decompose(Config):
             raise InputError("cp: choose ranks with rank (a number) or compression; energy and auto are for svd and tucker")
         if self.round_to < 1:
             raise InputError(f"round_to must be >= 1, got {self.round_to}")
+        if self.latency_batch < 1:
+            raise InputError(f"latency_batch must be >= 1, got {self.latency_batch}")
         if self.hooi_iters < 0 or self.cp_iters < 1:
             raise InputError(f"hooi_iters must be >= 0 and cp_iters >= 1, got {self.hooi_iters} and {self.cp_iters}")
         if self.distill is not None and self.finetune is None:
@@ -90,7 +108,8 @@ class Decompose(Config):
 
 @dataclass
 class LayerDecomposition:
-    """What happened to one layer: ranks, MACs per output position before/after, relative weight error."""
+    """What happened to one layer: ranks, MACs per output position before/after, relative weight
+    error, and (when measured) the layer's ONNX Runtime milliseconds at the target batch before/after."""
 
     name: str
     method: str
@@ -101,6 +120,9 @@ class LayerDecomposition:
     params_after: int
     relative_error: float
     replaced: bool
+    ort_ms_before: float | None = None
+    ort_ms_after: float | None = None
+    note: str = ""
 
 
 def _targets(model: nn.Module, cfg: Decompose) -> list[tuple[str, nn.Module]]:
@@ -110,8 +132,8 @@ def _targets(model: nn.Module, cfg: Decompose) -> list[tuple[str, nn.Module]]:
     for name, module in cfg.scope.layers(model):
         if not isinstance(module, wanted) or any(name.startswith(f"{p}.") for p in inside):
             continue
-        if isinstance(module, nn.Conv2d) and (module.kernel_size == (1, 1) or module.groups != 1):
-            continue  # a 1x1 conv is a matrix (use svd on it as a Linear); depthwise convs are already cheap
+        if isinstance(module, nn.Conv2d) and (module.kernel_size == (1, 1) or module.groups != 1 or module.in_channels == 1):
+            continue  # a 1x1 conv is a matrix (svd it as a Linear); depthwise and 1-input-channel convs are already cheap
         layers.append((name, module))
     unknown = sorted(set(cfg.layer_ranks or {}) - {name for name, _ in layers})
     if unknown:
@@ -205,7 +227,7 @@ def _factorise(name: str, layer: nn.Module, cfg: Decompose) -> tuple[LayerDecomp
     before, after = _costs(layer, ranks, cfg.method)
     params = layer.weight.numel()
     if after >= before:
-        return LayerDecomposition(name, cfg.method, ranks, before, after, params, params, float("nan"), False), None
+        return LayerDecomposition(name, cfg.method, ranks, before, after, params, params, float("nan"), False, note="no fewer MACs"), None
     new = _build(name, layer, ranks, cfg)
     w = layer.weight.detach().double()
     error = float((dense_weight(new) - w).norm() / w.norm().clamp_min(1e-300))
@@ -231,31 +253,106 @@ def _cp_weight(first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Te
     return cp_reconstruct([last[:, :, 0, 0], first[:, :, 0, 0].T, vertical[:, 0, :, 0].T, horizontal[:, 0, 0, :].T])
 
 
-def decompose_model(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[LayerDecomposition]]:
-    """Factorise ``model``'s layers in place (no fine-tuning); returns the model and one record per layer."""
+def layer_input_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Each named layer's input shape (without the batch axis), from one eval-mode pass of zeros."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:  # returns None: a pre-hook's return value replaces the inputs
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_pre_hook(record(name)) for name in names]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def layer_latency(original: nn.Module, factorised: nn.Module, shape: tuple[int, ...], batch: int) -> tuple[float, float]:
+    """ONNX Runtime ms of each layer alone on a ``batch`` of ``shape`` inputs: the original's median,
+    and that times the median ratio of back-to-back runs. On a shared machine two consecutive runs
+    see the same load, so their ratio holds where two separately taken medians do not."""
+    runs = [
+        functools.partial(run_ort, ort_session(onnx_bytes(layer.eval(), shape)), torch.randn(batch, *shape))
+        for layer in (original, factorised)
+    ]
+    times = []
+    for i in range(LATENCY_PAIRS + 3):
+        pair = []
+        for run in runs:
+            start = time.perf_counter()
+            run()
+            pair.append((time.perf_counter() - start) * 1000.0)
+        if i >= 3:
+            times.append(pair)
+    before = statistics.median(t[0] for t in times)
+    return before, before * statistics.median(t[1] / t[0] for t in times)
+
+
+def latency_gate(record: LayerDecomposition, before_ms: float, after_ms: float) -> LayerDecomposition:
+    """The record with its timings; still replaced only if the factorised layer saves LATENCY_MARGIN of the time."""
+    faster = after_ms < LATENCY_MARGIN * before_ms
+    note = "" if faster else f"kept: factorised {after_ms:.3f} ms vs {before_ms:.3f} ms in ONNX Runtime"
+    params = record.params_after if faster else record.params_before
+    return replace(record, replaced=faster, params_after=params, ort_ms_before=before_ms, ort_ms_after=after_ms, note=note)
+
+
+def decompose_model(
+    model: nn.Module, cfg: Decompose, input_shape: tuple[int, ...] | None = None, only: set[str] | None = None
+) -> tuple[nn.Module, list[LayerDecomposition]]:
+    """Factorise ``model``'s layers in place (no fine-tuning); returns the model and one record per layer.
+
+    With ``input_shape`` and ``cfg.latency_check``, each factorised layer is timed
+    against the original and kept only if faster; ``only`` limits the work to
+    named layers (a resumed run rebuilding what the check kept)."""
+    targets = [(name, layer) for name, layer in _targets(model, cfg) if only is None or name in only]
+    gated = cfg.latency_check and input_shape is not None and only is None
+    shapes = layer_input_shapes(model, [name for name, _ in targets], input_shape) if gated else {}
     records = []
-    for name, layer in _targets(model, cfg):
+    for name, layer in targets:
         record, new = _factorise(name, layer, cfg)
+        if new is not None and name in shapes:
+            record = latency_gate(record, *layer_latency(layer, new, shapes[name], cfg.latency_batch))
         records.append(record)
-        if new is not None:
+        if record.replaced:
             model = replace_module(model, name, new)
     return model, records
 
 
-def decompose_required(model: nn.Module, cfg: Decompose) -> tuple[nn.Module, list[LayerDecomposition]]:
+def decompose_required(
+    model: nn.Module, cfg: Decompose, input_shape: tuple[int, ...] | None = None
+) -> tuple[nn.Module, list[LayerDecomposition]]:
     """decompose_model, refusing a model in which no layer would be factorised (fine-tuning
     it anyway would pass the original off as a decomposed model)."""
-    model, records = decompose_model(model, cfg)
+    model, records = decompose_model(model, cfg, input_shape)
     if not any(record.replaced for record in records):
-        skipped = "1x1 and depthwise convs are skipped" if cfg.method != "svd" else "only Linear layers are factorised"
+        skipped = "1x1, depthwise and 1-input-channel convs are skipped" if cfg.method != "svd" else "only Linear layers are factorised"
+        if any(record.ort_ms_after is not None for record in records):
+            skipped += "; no factorised layer ran faster in ONNX Runtime (latency_check: false forces them)"
         raise NotApplicable(f"decompose ({cfg.method}): no layer to factorise ({len(records)} tried; {skipped})")
+    model.decomposed_layers = [record.name for record in records if record.replaced]
     return model, records
 
 
 @method("decompose", Decompose, needs=("data?", "teacher?"))
 class DecomposeMethod:
     def torch(self, model: nn.Module, cfg: Decompose, ctx: Context) -> nn.Module:
-        return restructure_and_finetune(model, lambda m: decompose_required(m, cfg)[0], cfg.finetune, cfg.distill, ctx)
+        shape = ctx.data.input_shape if ctx.data is not None else None
+        return restructure_and_finetune(model, lambda m: decompose_required(m, cfg, shape)[0], cfg.finetune, cfg.distill, ctx)
+
+    def saved(self, model: nn.Module) -> dict[str, str] | None:
+        """The layers kept factorised: the latency check's timings should not be re-measured on resume."""
+        names = getattr(model, "decomposed_layers", None)
+        return {DECOMPOSED_KEY: ",".join(names)} if names is not None else None
 
     def restore(self, model: nn.Module, cfg: Decompose, ctx: Context, saved: dict) -> nn.Module:
-        return decompose_model(copy.deepcopy(model), cfg)[0]
+        only = set(saved[DECOMPOSED_KEY].split(",")) if saved.get(DECOMPOSED_KEY) else None
+        return decompose_model(copy.deepcopy(model), cfg, only=only)[0]

@@ -87,6 +87,16 @@ def zero_masks(model: nn.Module, scope: Scope | None = None) -> Masks:
     return {name: mask for name, mask in masks.items() if not bool(mask.all())}
 
 
+def keep_pruned(masks: Masks, pruned: Masks) -> Masks:
+    """``masks`` intersected with the keep-masks of an earlier step (``pruned``: ``zero_masks``
+    taken before this step), plus those earlier masks for layers this step leaves alone: a
+    second pruning step, and its fine-tuning, never revive a weight the first one zeroed."""
+    merged = dict(pruned)
+    for name, mask in masks.items():
+        merged[name] = mask & pruned[name] if name in pruned else mask
+    return merged
+
+
 def sparsity_of(masks: Masks) -> float:
     total = sum(m.numel() for m in masks.values())
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0

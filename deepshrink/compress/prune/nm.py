@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deepshrink.compress.prune.masks import MaskHook, Masks
+from deepshrink.compress.prune.masks import MaskHook, Masks, keep_pruned, zero_masks
 from deepshrink.compress.prune.unstructured import _finetune
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
@@ -86,7 +86,7 @@ class NMPrune(Config):
 @method("nm_prune", NMPrune, needs=("data?",))
 class NMPruneMethod:
     def torch(self, model: nn.Module, cfg: NMPrune, ctx: Context) -> nn.Module:
-        hook = MaskHook(model, nm_masks(model, cfg.n, cfg.m, cfg.scope))
+        hook = MaskHook(model, keep_pruned(nm_masks(model, cfg.n, cfg.m, cfg.scope), zero_masks(model)))
         if cfg.finetune is not None:
             _finetune(model, cfg.finetune, hook, ctx)
         return hook.finalize()

@@ -5,7 +5,7 @@ from typing import Literal
 
 from torch import nn
 
-from deepshrink.compress.prune.masks import MaskHook, magnitude_masks
+from deepshrink.compress.prune.masks import MaskHook, keep_pruned, magnitude_masks, zero_masks
 from deepshrink.compress.prune.schedules import GradualPruningHook
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.errors import InputError
@@ -60,15 +60,20 @@ def _finetune(model: nn.Module, config: TrainConfig, hook: MaskHook, ctx: Contex
 @method("prune", MagnitudePrune, needs=("data?",))
 class MagnitudePruneMethod:
     def torch(self, model: nn.Module, cfg: MagnitudePrune, ctx: Context) -> nn.Module:
+        pruned = zero_masks(model)  # what an earlier step pruned stays pruned
         if cfg.schedule == "agp":
             steps = cfg.finetune.epochs * -(-len(ctx.data.train) // cfg.finetune.batch_size) if ctx.data else 0
             end = int(cfg.agp_fraction * steps)
-            hook = GradualPruningHook(model, lambda f: cfg.masks_at(model, f), start=0, end=end, frequency=max(1, end // 50))
+
+            def masks(fraction: float):
+                return keep_pruned(cfg.masks_at(model, fraction), pruned)
+
+            hook = GradualPruningHook(model, masks, start=0, end=end, frequency=max(1, end // 50))
             _finetune(model, cfg.finetune, hook, ctx)
             return hook.finalize()
         rounds = cfg.iterations if cfg.schedule == "iterative" else 1
         for i in range(1, rounds + 1):
-            hook = MaskHook(model, cfg.masks_at(model, i / rounds))
+            hook = MaskHook(model, keep_pruned(cfg.masks_at(model, i / rounds), pruned))
             if cfg.finetune is not None:
                 _finetune(model, replace(cfg.finetune, seed=cfg.finetune.seed + i - 1), hook, ctx)
             hook.finalize()

@@ -27,6 +27,7 @@ from deepshrink.compress.structure.fold import fold_batchnorm
 from deepshrink.core.config import Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.modules import replace_module
+from deepshrink.distributed import current_placement
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RELU_MODULES = (nn.ReLU,)
@@ -206,10 +207,15 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_observer
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.enabled = False
     seen = 0
-    device = next(model.parameters()).device  # a model on a GPU calibrates there
-    for batch in batches:
-        model(batch.to(device))
-        seen += len(batch)
+    home = next(model.parameters()).device
+    device = current_placement().device or home  # --device moves calibration too; a model on a GPU calibrates there
+    model.to(device)
+    try:
+        for batch in batches:
+            model(batch.to(device))
+            seen += len(batch)
+    finally:
+        model.to(home)  # the caller gets its model back where it was; observers' statistics move with it
     for _, layer in fake_quant_layers(model):
         layer.weight_quant.calibrate(layer.weight, weight_observer)
         layer.weight_quant.enabled = True

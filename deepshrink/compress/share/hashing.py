@@ -8,35 +8,18 @@ into them, then fine-tune with the weights tied (same mechanism as k-means
 codebooks).
 """
 
+import copy
+import json
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from deepshrink.compress.share.shared import finetune_tied, tie
 from deepshrink.core.config import Config, Scope, check_range
 from deepshrink.core.methods import Context, method
+from deepshrink.encode.hashed import HASH, position_hash
 from deepshrink.train import TrainConfig
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a fast, well-mixed 64-bit hash (uint64 arithmetic wraps)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def position_hash(numel: int, buckets: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bucket index, +-1 sign) for positions 0..numel-1 under ``seed``."""
-    with np.errstate(over="ignore"):
-        keys = np.arange(numel, dtype=np.uint64) + np.uint64(seed) * _GOLDEN
-        mixed = _mix64(keys)
-    index = torch.from_numpy((mixed % np.uint64(buckets)).astype(np.int64))
-    sign = torch.from_numpy(np.where((mixed >> np.uint64(63)) == 1, -1.0, 1.0).astype(np.float32))
-    return index, sign
 
 
 @dataclass(frozen=True)
@@ -52,17 +35,24 @@ class HashShare(Config):
         check_range("bucket_fraction", self.bucket_fraction, 1e-6, 1.0, high_inclusive=True)
 
 
+HASH_SPECS = "hash_specs"  # model attribute and checkpoint key: {"<layer>.weight": {"buckets", "seed", "hash"}}
+
+
 def hash_tie(model: nn.Module, cfg: HashShare) -> dict[str, int]:
-    """Tie every layer in scope to its bucket array; returns bucket counts per layer."""
-    counts = {}
+    """Tie every layer in scope to its bucket array; returns bucket counts per layer. The model
+    keeps each layer's hash spec (``model.hash_specs``), so ``pack`` stores buckets, not weights."""
+    counts, specs = {}, {}
     for i, (name, module) in enumerate(list(cfg.scope.layers(model))):
         weight = module.weight.detach().flatten()
         buckets = max(1, int(round(cfg.bucket_fraction * weight.numel())))
-        index, sign = position_hash(weight.numel(), buckets, cfg.seed * 1000 + i)  # a distinct hash per layer
+        seed = cfg.seed * 1000 + i  # a distinct hash per layer
+        index, sign = position_hash(weight.numel(), buckets, seed)
         totals = torch.zeros(buckets).index_add_(0, index, weight * sign)
         members = torch.bincount(index, minlength=buckets).clamp(min=1)
         tie(module, totals / members, index, torch.ones_like(weight, dtype=torch.bool), sign)
         counts[name] = buckets
+        specs[f"{name}.weight"] = {"buckets": buckets, "seed": seed, "hash": HASH}
+    setattr(model, HASH_SPECS, specs)
     return counts
 
 
@@ -71,3 +61,14 @@ class HashShareMethod:
     def torch(self, model: nn.Module, cfg: HashShare, ctx: Context) -> nn.Module:
         hash_tie(model, cfg)
         return finetune_tied(model, cfg.finetune, ctx)
+
+    def saved(self, model: nn.Module) -> dict[str, str] | None:
+        """The hash specs, so a resumed run still packs the layers as buckets."""
+        specs = getattr(model, HASH_SPECS, None)
+        return {HASH_SPECS: json.dumps(specs)} if specs else None
+
+    def restore(self, model: nn.Module, cfg: HashShare, ctx: Context, saved: dict) -> nn.Module:
+        model = copy.deepcopy(model)
+        if saved.get(HASH_SPECS):
+            setattr(model, HASH_SPECS, json.loads(saved[HASH_SPECS]))
+        return model

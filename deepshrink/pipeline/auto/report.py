@@ -46,7 +46,7 @@ def write_reports(result: AutoResult, out_dir: Path, sensitivity: dict | None) -
     result.paths.update(report_json=out_dir / "report.json", report_md=out_dir / "report.md")
     payload["paths"] = {k: str(v) for k, v in result.paths.items()}
     write_json(result.paths["report_json"], payload)
-    result.paths["report_md"].write_text(markdown_report(result))
+    write_atomic(result.paths["report_md"], markdown_report(result).encode())
 
 
 def sensitivity_json(sensitivity: dict | None) -> dict | None:
