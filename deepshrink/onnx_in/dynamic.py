@@ -4,7 +4,8 @@ the torch methods, written straight into a graph that has no PyTorch source (an 
 Dynamic int8 is ``quantize_onnx_dynamic`` (constant-weight MatMul/Gemm -> ORT ``DynamicQuantizeMatMul``,
 constant Gather tables -> int8 rows). 4-bit quantizes each constant MatMul/Gemm weight with
 ``quantize_blocks``, puts the dequantized weight in the graph and lets ``rewrite_matmul_nbits`` (the torch
-path's rewrite, which finds layers by weight value) turn those nodes into ``MatMulNBits``.
+path's rewrite, which finds layers by weight value) turn those nodes into ``MatMulNBits``; embedding
+tables (Gather) are then stored int8 per row.
 """
 
 import numpy as np
@@ -76,4 +77,10 @@ def _int4_step(model: onnx.ModelProto, cfg: Blockwise4, ctx: Context) -> tuple[o
         raise InputError("weight_int4: the graph has no MatMul/Gemm with a constant fp32 weight of its own")
     rewritten = rewrite_matmul_nbits(out, layers)
     check_exported(out, "4-bit ONNX")
-    return out, {"block_size": cfg.block_size, "symmetric": cfg.symmetric, "layers": rewritten}
+    tables = RewriteReport()  # embedding tables (Gather) int8 per row, as the torch path's serving_int4 stores the vocabulary
+    out = quantize_onnx_dynamic(out, _tables_only(default_policy(exclude=cfg.fallback)), cpu_weight_type(), tables)
+    return out, {"block_size": cfg.block_size, "symmetric": cfg.symmetric, "layers": rewritten, "int8_tables": list(tables.quantized)}
+
+
+def _tables_only(policy):
+    return lambda name, weight, kind: policy(name, weight, kind) if kind == "gather" else None
