@@ -290,7 +290,9 @@ def prune_and_distill(model, texts, args) -> tuple[nn.Module, nn.Module, list[fl
     start = time.perf_counter()
     pruned = apply_method(model, cfg, Context(batches=texts["sentence_batches"], progress=False))
     distilled = copy.deepcopy(pruned)
-    losses = dt.distill(distilled, model, texts["train_batches"], dt.Distill(steps=args.distill_steps, lr=args.distill_lr, seed=args.seed))
+    losses = dt.distill(
+        distilled, model, texts["train_batches"], dt.TransformerDistill(steps=args.distill_steps, lr=args.distill_lr, seed=args.seed)
+    )
     return pruned, distilled, losses, time.perf_counter() - start
 
 

@@ -32,6 +32,7 @@ from deepshrink.compress.distill import Distill
 from deepshrink.compress.lowrank import Decompose
 from deepshrink.compress.prune import ChannelPrune, LotteryTicket, MagnitudePrune, NMPrune, Regularize
 from deepshrink.compress.quant import PTQ, QAT, DynamicQuant, MixedPrecision
+from deepshrink.compress.quant.blockwise4 import Blockwise4
 from deepshrink.compress.share import HashShare, KMeansShare
 from deepshrink.compress.structure import FoldBN, Separable, fold_batchnorm
 from deepshrink.core.config import Config, Scope
@@ -127,6 +128,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "qat": image_case(QAT(calib_samples=32, finetune=TRAIN)),
     "mixed_precision": image_case(MixedPrecision(sensitivity_samples=32, qat=QAT(calib_samples=32, finetune=TRAIN))),
     "dynamic_quant": image_case(DynamicQuant()),
+    "weight_int4": image_case(Blockwise4()),
     "distill": image_case(Distill(train=TRAIN)),
     "decompose": image_case(Decompose(method="tucker", rank=2, round_to=1, latency_check=False)),  # forced: tiny layers
     "separable": image_case(Separable()),

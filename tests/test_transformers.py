@@ -196,7 +196,7 @@ def test_distillation_repairs_pruning(tiny, batches) -> None:
     plain = apply_method(tiny, cfg)
     repaired = apply_method(
         tiny,
-        dt.TransformerPrune(heads=0.5, neurons=0.5, importance="magnitude", distill=dt.Distill(steps=30, lr=1e-3)),
+        dt.TransformerPrune(heads=0.5, neurons=0.5, importance="magnitude", distill=dt.TransformerDistill(steps=30, lr=1e-3)),
         Context(batches=batches),
     )
     reference = dt.pooled_embeddings(tiny, batches)

@@ -6,17 +6,27 @@ from pathlib import Path
 
 from deepshrink.commands import command
 from deepshrink.commands.args import add_data_args, load_data, run_folder, set_threads
+from deepshrink.commands.compress_transformer import DEFAULT_SAMPLES, check_steps, compress_transformer, is_model_dir
 from deepshrink.core.errors import DeepShrinkError, InputError
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("compress", help="run a compression recipe; writes .dsz, ONNX and a per-stage report")
-    p.add_argument("model", help="zoo name, module:function, or an .onnx file (compressed without PyTorch source)")
+    p.add_argument(
+        "model",
+        help="zoo name, module:function, an .onnx file (compressed without PyTorch source), "
+        "or a Hugging Face encoder directory (config.json, weights, tokenizer)",
+    )
     p.add_argument("--npz", default=None, help="ONNX input: calibration/evaluation inputs (one array per graph input, optional labels y)")
     p.add_argument("--eval-npz", default=None, help="ONNX input: a separate .npz to evaluate on (default: --npz)")
     p.add_argument(
         "--output", default=None, help="ONNX input: the graph output whose fidelity the report leads with (default: the worst one)"
     )
+    p.add_argument("--texts", default=None, help="model directory: UTF-8 file, one text per line (default: Python reference sentences)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="model directory: default sentences to measure on")
+    p.add_argument("--max-length", type=int, default=64, help="model directory: tokens per sequence at most")
+    p.add_argument("--batch-size", type=int, default=16, help="model directory: sentences per batch")
+    p.add_argument("--repeats", type=int, default=20, help="model directory: ORT latency runs")
     p.add_argument("--recipe", required=True, help="shipped recipe name (deep-compression) or a YAML file")
     p.add_argument("--weights", default=None, help="safetensors weights (default: the zoo's pretrained)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe>-<model>); re-running resumes")
@@ -41,6 +51,10 @@ def _compress(args: argparse.Namespace) -> int:
     from deepshrink.report import print_table
 
     recipe = load_recipe(args.recipe)
+    if is_model_dir(args.model):
+        return _compress_model_dir(args, recipe)
+    if args.texts:
+        raise DeepShrinkError("--texts is for Hugging Face model directories (with a config.json)")
     onnx_in = args.model.endswith(".onnx")
     if onnx_in and not Path(args.model).is_file():
         raise InputError(f"{args.model}: no such ONNX file")
@@ -67,6 +81,15 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"ONNX Runtime vs torch on the decoded model: max|diff| {result.onnx_max_abs_diff:.2e}")
     print(f"report: {result.out_dir / 'report.md'}")
     return 0
+
+
+def _compress_model_dir(args: argparse.Namespace, recipe) -> int:
+    check_steps(recipe)
+    print(f"recipe {recipe.name} on {args.model}:")
+    print("\n".join(recipe.plan()))
+    if args.dry_run:
+        return 0
+    return compress_transformer(args, recipe)
 
 
 def _compress_onnx(args: argparse.Namespace, recipe) -> int:

@@ -42,11 +42,11 @@ def add_commands(sub) -> None:
 def stage_configs(args: argparse.Namespace) -> dict:
     """The method configs for the flags, built before any loading so a bad flag fails at once."""
     from deepshrink.compress.quant.dynamic import DynamicQuant
-    from deepshrink.transformers import Distill, TransformerPrune, TransformerSVD
+    from deepshrink.transformers import TransformerDistill, TransformerPrune, TransformerSVD
 
     configs = {}
     if args.prune_heads or args.prune_neurons:
-        distill = Distill(steps=args.distill_steps, seed=args.seed) if args.distill_steps else None
+        distill = TransformerDistill(steps=args.distill_steps, seed=args.seed) if args.distill_steps else None
         configs["prune"] = TransformerPrune(heads=args.prune_heads, neurons=args.prune_neurons, importance=args.importance, distill=distill)
     elif args.distill_steps:
         raise InputError("--distill-steps repairs a pruned model: give --prune-heads or --prune-neurons too")
@@ -118,31 +118,41 @@ def _transformer(args: argparse.Namespace) -> int:
 
 def measure(original, compressed, batches, out: Path, args: argparse.Namespace) -> dict:
     """Params, ONNX bytes, pooled-embedding fidelity to the original (torch and ORT) and ORT latency, before and after."""
-    from deepshrink.compress.quant.dynamic import dynamic_quant_layers, parameter_count
+    from deepshrink.compress.quant.dynamic import dynamic_quant_layers
     from deepshrink.compress.quant.onnx_dynamic import cpu_weight_type
+    from deepshrink.transformers import encoder_dynamic_onnx, encoder_onnx_bytes
+
+    quantized = bool(dynamic_quant_layers(compressed))
+    sides = {
+        "original": (original, encoder_onnx_bytes(original)),
+        "compressed": (
+            compressed,
+            encoder_dynamic_onnx(compressed, weight_type=cpu_weight_type() if args.weight_type == "auto" else args.weight_type)
+            if quantized
+            else encoder_onnx_bytes(compressed),
+        ),
+    }
+    return measure_sides(original, sides, batches, out, args.repeats, args.threads)
+
+
+def measure_sides(original, sides: dict, batches, out: Path, repeats: int, threads: int | None) -> dict:
+    """``sides`` maps "original" and "compressed" to (model, ONNX bytes); each is measured against ``original``."""
+    from deepshrink.compress.quant.dynamic import parameter_count
     from deepshrink.evaluate.compare import compare, latency_key
     from deepshrink.evaluate.fidelity import fidelity
     from deepshrink.evaluate.latency import time_callable
     from deepshrink.export import ort_session
-    from deepshrink.transformers import encoder_dynamic_onnx, encoder_onnx_bytes, ort_pooled, pooled_embeddings
+    from deepshrink.transformers import ort_pooled, pooled_embeddings
     from deepshrink.transformers.export import ort_feed
 
     reference = pooled_embeddings(original, batches)
-    sides = {"original": (original, encoder_onnx_bytes(original))}
-    quantized = bool(dynamic_quant_layers(compressed))
-    sides["compressed"] = (
-        compressed,
-        encoder_dynamic_onnx(compressed, weight_type=cpu_weight_type() if args.weight_type == "auto" else args.weight_type)
-        if quantized
-        else encoder_onnx_bytes(compressed),
-    )
     batch = batches[0]["input_ids"].shape
     measured, files, protos = {}, {}, {}
     for side, (model, proto) in sides.items():
         files[side], protos[side] = str(out / f"{side}.onnx"), proto  # written by the caller once everything is measured
-        session = ort_session(proto, args.threads)
+        session = ort_session(proto, threads)
         feed = ort_feed(session, batches[0])
-        median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), args.repeats)
+        median, _ = time_callable(lambda s=session, f=feed: s.run(None, f), repeats)
         torch_fidelity = fidelity(reference, pooled_embeddings(model, batches), agreement=False)
         ort_fidelity = fidelity(reference, ort_pooled(session, batches), agreement=False)
         measured[side] = {
@@ -158,7 +168,7 @@ def measure(original, compressed, batches, out: Path, args: argparse.Namespace) 
     return {
         **comparison.to_dict(),
         "fidelity_samples": torch_fidelity.samples,
-        "latency": {"batch": list(batch), "repeats": args.repeats, "threads": args.threads},
+        "latency": {"batch": list(batch), "repeats": repeats, "threads": threads},
         "files": files,
         "protos": protos,
     }

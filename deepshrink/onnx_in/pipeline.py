@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+import deepshrink.onnx_in.dynamic
 import deepshrink.onnx_in.pack
 import deepshrink.onnx_in.quantize
 import deepshrink.onnx_in.weights  # noqa: F401  (these attach the ONNX backends to their methods' registrations)

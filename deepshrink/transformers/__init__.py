@@ -10,7 +10,7 @@ Importing this package does not import ``transformers``; the functions that
 need it do, and say which extra to install when it is missing.
 """
 
-from deepshrink.transformers.distill import Distill, distill
+from deepshrink.transformers.distill import TransformerDistill, distill
 from deepshrink.transformers.export import encoder_dynamic_onnx, encoder_onnx_bytes, ort_logits, ort_outputs, ort_pooled
 from deepshrink.transformers.fallback import FallbackResult, quantize_with_fallback, quantized_layer_fidelity
 from deepshrink.transformers.fidelity import logits_of, mean_pool, pooled_embeddings, task_accuracy
@@ -31,7 +31,7 @@ from deepshrink.transformers.prune import TransformerPrune, attention_blocks, ff
 
 __all__ = [
     "Batch",
-    "Distill",
+    "TransformerDistill",
     "FallbackResult",
     "TransformerPrune",
     "TransformerSVD",

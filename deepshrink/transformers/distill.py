@@ -20,7 +20,7 @@ from deepshrink.transformers.load import Batch, check_batches
 
 
 @dataclass(frozen=True)
-class Distill(Config):
+class TransformerDistill(Config):
     steps: int = 100
     lr: float = 1e-4
     hidden_weight: float = 1.0
@@ -44,7 +44,7 @@ def _outputs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     return model(**batch).last_hidden_state, None
 
 
-def distill_loss(student_out, teacher_out, mask: torch.Tensor, cfg: Distill) -> torch.Tensor:
+def distill_loss(student_out, teacher_out, mask: torch.Tensor, cfg: TransformerDistill) -> torch.Tensor:
     """Masked hidden-state MSE (normalised by the teacher's mean square) + T^2-scaled KL on logits."""
     (hs, ls), (ht, lt) = student_out, teacher_out
     m = mask.unsqueeze(-1).to(hs.dtype)
@@ -83,7 +83,7 @@ class _StepLosses(TrainHook):
         self.losses.append(trainer.last_loss)
 
 
-def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], cfg: Distill) -> list[float]:
+def distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], cfg: TransformerDistill) -> list[float]:
     """Train ``student`` (in place) towards ``teacher`` on ``batches``; returns the loss per step."""
     batches = check_batches(batches)
     teacher.eval()

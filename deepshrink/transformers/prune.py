@@ -25,7 +25,7 @@ from deepshrink.core.config import Config, check_range
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, method
 from deepshrink.core.modules import replace_module
-from deepshrink.transformers.distill import Distill, distill
+from deepshrink.transformers.distill import TransformerDistill, distill
 from deepshrink.transformers.load import Batch, check_batches
 
 
@@ -42,7 +42,7 @@ class TransformerPrune(Config):
     neurons: float = 0.0
     importance: Literal["activation", "magnitude"] = "activation"
     round_to: int = 1
-    distill: Distill | None = None
+    distill: TransformerDistill | None = None
 
     def __post_init__(self) -> None:
         check_range("heads", self.heads, 0.0, 1.0)

@@ -1,6 +1,7 @@
 """Quantization: primitives, observers, fake-quant modules, PTQ, QAT, binary/ternary,
 mixed precision, packed low-bit storage and QDQ export for ONNX Runtime."""
 
+from deepshrink.compress.quant.blockwise4 import Blockwise4, quantize_blockwise4
 from deepshrink.compress.quant.config import PTQ, QAT, MixedPrecision
 from deepshrink.compress.quant.dynamic import DynamicQuant, quantize_dynamic
 from deepshrink.compress.quant.mixed import allocate_bits, bit_sensitivity, plan_bits
@@ -14,6 +15,7 @@ __all__ = [
     "PTQ",
     "QAT",
     "ActQuant",
+    "Blockwise4",
     "DynamicQuant",
     "MixedPrecision",
     "QuantConv2d",
@@ -30,6 +32,7 @@ __all__ = [
     "prepare_qat",
     "ptq",
     "qat",
+    "quantize_blockwise4",
     "fake_quant_layers",
     "quantize_dynamic",
     "save_quantized_model",

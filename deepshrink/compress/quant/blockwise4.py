@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
+from deepshrink.core.methods import Context, apply_method, method
 from deepshrink.core.modules import replace_module
 
 BLOCK_SIZES = (32, 64, 128)
@@ -129,15 +130,22 @@ def quantize_layers_4bit(model: nn.Module, names: list[str], cfg: Blockwise4) ->
     return model
 
 
+@method("weight_int4", Blockwise4, quantizes=True)
+class Blockwise4Method:
+    def torch(self, model: nn.Module, cfg: Blockwise4, ctx: Context) -> nn.Module:
+        known = {name for name, _ in model.named_modules()}
+        unknown = sorted(set(cfg.fallback) - known)
+        if unknown:
+            raise InputError(f"fallback: no layer named {unknown[0]!r} in the model")
+        return quantize_layers_4bit(model.eval(), blockwise4_targets(model, cfg), cfg)
+
+    def restore(self, model: nn.Module, cfg: Blockwise4, ctx: Context, saved: dict) -> nn.Module:
+        return self.torch(copy.deepcopy(model), cfg, ctx)  # no data: deterministic from the weights
+
+
 def quantize_blockwise4(model: nn.Module, cfg: Blockwise4 | None = None) -> nn.Module:
     """A copy of ``model`` with 4-bit block-wise weights in its Linear layers (the caller's model is untouched)."""
-    cfg = cfg or Blockwise4()
-    model = copy.deepcopy(model).eval()
-    known = {name for name, _ in model.named_modules()}
-    unknown = sorted(set(cfg.fallback) - known)
-    if unknown:
-        raise InputError(f"fallback: no layer named {unknown[0]!r} in the model")
-    return quantize_layers_4bit(model, blockwise4_targets(model, cfg), cfg)
+    return apply_method(model, cfg or Blockwise4())
 
 
 def blockwise4_layers(model: nn.Module) -> dict[str, Blockwise4Linear]:
