@@ -159,6 +159,7 @@ def markdown(payload: dict) -> str:
         "",
         "The whole quick grid (lenet5 and resnet20 x 9 methods) takes ~6 min per executor on a quiet machine;",
         "this runs the lenet5 row of cells with each executor, so both fit the time this session had.",
+        f"Measured {payload.get('study_measured', 'with the throughput rows')}.",
         "",
         "| executor | cells | ok | workers | threads per cell | wall s |",
         "|---|---|---|---|---|---|",
@@ -171,6 +172,12 @@ def markdown(payload: dict) -> str:
     lines += ["", f"Every cell's Top-1 is the same under both executors: {'yes' if same else 'NO'}.", ""]
     lines += ["## CUDA", "", payload["cuda_note"], ""]
     return "\n".join(lines)
+
+
+def payload_date() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def main() -> None:
@@ -213,7 +220,11 @@ def main() -> None:
             "Not measured: no GPU was lent to this session. The CUDA rows (fine-tuning speed-up over the CPU, "
             "and a QAT run on CUDA whose ONNX Runtime Top-1 matches the CPU run within 0.2pp) wait for a GPU machine."
         )
-    study = [] if args.skip_study else [study_wall(executor, tmp, threads=1) for executor in ("process", "ray")]
+    if args.skip_study:  # keep the study rows of the last full run (they carry their own date in study_measured)
+        previous = json.loads((RESULTS / f"{NAME}.json").read_text()) if (RESULTS / f"{NAME}.json").exists() else {}
+        study, study_date = previous.get("study", []), previous.get("study_measured", previous.get("environment", {}).get("date"))
+    else:
+        study, study_date = [study_wall(executor, tmp, threads=1) for executor in ("process", "ray")], None
     try:
         import ray
 
@@ -230,6 +241,7 @@ def main() -> None:
         "repeats": REPEATS,
         "throughput": rows,
         "study": study,
+        "study_measured": study_date or payload_date(),
         "study_same_top1": len(study) == 2 and study[0]["top1"] == study[1]["top1"],
         "cuda_note": cuda_note,
     }
