@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method, method
-from deepshrink.core.modules import replace_module
+from deepshrink.core.modules import check_layer_names, replace_module
 
 BLOCK_SIZES = (32, 64, 128)
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -133,10 +133,7 @@ def quantize_layers_4bit(model: nn.Module, names: list[str], cfg: Blockwise4) ->
 @method("weight_int4", Blockwise4, quantizes=True)
 class Blockwise4Method:
     def torch(self, model: nn.Module, cfg: Blockwise4, ctx: Context) -> nn.Module:
-        known = {name for name, _ in model.named_modules()}
-        unknown = sorted(set(cfg.fallback) - known)
-        if unknown:
-            raise InputError(f"fallback: no layer named {unknown[0]!r} in the model")
+        check_layer_names(model, cfg.fallback, "fallback")
         return quantize_layers_4bit(model.eval(), blockwise4_targets(model, cfg), cfg)
 
     def restore(self, model: nn.Module, cfg: Blockwise4, ctx: Context, saved: dict) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from deepshrink.core.config import Config, Scope
 from deepshrink.core.errors import InputError
 from deepshrink.core.methods import Context, apply_method, method
-from deepshrink.core.modules import replace_module
+from deepshrink.core.modules import check_layer_names, replace_module
 
 ACT_QMAX = 255  # uint8 activations
 _EXACT_FLOAT32 = 2**24  # integer sums below this are exact in float32
@@ -182,10 +182,7 @@ def quantize_layers(model: nn.Module, names: list[str], reduce_range: bool = Fal
 @method("dynamic_quant", DynamicQuant, quantizes=True)
 class DynamicQuantMethod:
     def torch(self, model: nn.Module, cfg: DynamicQuant, ctx: Context) -> nn.Module:
-        known = {name for name, _ in model.named_modules()}
-        unknown = sorted(set(cfg.fallback) - known)
-        if unknown:
-            raise InputError(f"fallback: no layer named {unknown[0]!r} in the model")
+        check_layer_names(model, cfg.fallback, "fallback")
         return quantize_layers(model.eval(), dynamic_targets(model, cfg), cfg.reduce_range)
 
     def restore(self, model: nn.Module, cfg: DynamicQuant, ctx: Context, saved: dict) -> nn.Module:
