@@ -123,10 +123,14 @@ def markdown(payload: dict) -> str:
     from deepshrink.evaluate.environment import describe_environment
 
     lines = ["# Scaling out: data-parallel fine-tuning and the study on Ray", ""]
-    lines.append(describe_environment(payload["environment"], "see each row", shared=True, extra_versions={"ray": payload["ray"]}))
+    shared = payload["shared_machine"]
+    lines.append(describe_environment(payload["environment"], "see each row", shared=shared, extra_versions={"ray": payload["ray"]}))
+    load = payload.get("load_average")
+    if load:
+        lines.append(f"Load average (1/5/15 min) when the run started: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.")
+    if shared:
+        lines.append("The machine was shared with other jobs while this ran: treat the numbers as one noisy measurement.")
     lines += [
-        "The machine was shared with other jobs (five sessions on 2 cores) while this ran: treat the",
-        "numbers as one noisy measurement, not a tuned result.",
         "",
         f"## Fine-tuning throughput (Trainer, {TRAIN_IMAGES:,} Fashion-MNIST images, global batch {BATCH}, 1 epoch, first {WARMUP} steps untimed)",
         "",
@@ -150,15 +154,16 @@ def markdown(payload: dict) -> str:
     lines += [
         "",
         "Two processes on two cores replace intra-op threads by data parallelism: each rank computes half",
-        "the global batch, then gloo all-reduces the gradients. Read the ratios against 1 x 1: on a",
-        "machine shared with other jobs, a process with several intra-op threads likely stalls whenever",
-        "one of its threads is descheduled (every operator ends at a barrier), which separate one-thread",
-        "processes do not; on a quiet machine the all-threads row is the fair baseline.",
+        "the global batch, then gloo all-reduces the gradients. On one machine that is a test of the",
+        "mechanism more than a speed-up: a single process already uses both cores through intra-op",
+        "threads (the 'vs 1 process, all threads' column), and DDP adds the all-reduce. Its use is across",
+        "GPUs and machines. Under load from other jobs the picture turns around: a multi-threaded process",
+        "stalls whenever one of its threads is descheduled, which separate one-thread processes do not.",
         "",
         f"## Study wall time (quick budget, cells: {', '.join(CELLS['models'])} x every study method)",
         "",
-        "The whole quick grid (lenet5 and resnet20 x 9 methods) takes ~6 min per executor on a quiet machine;",
-        "this runs the lenet5 row of cells with each executor, so both fit the time this session had.",
+        "This runs the lenet5 row of the quick grid (9 cells) with each executor; the whole grid (lenet5 and",
+        "resnet20 x 9) took 3.3 min with the process pool in this session's demo run (benchmarks/results/study_quick.md).",
         f"Measured {payload.get('study_measured', 'with the throughput rows')}.",
         "",
         "| executor | cells | ok | workers | threads per cell | wall s |",
@@ -169,7 +174,15 @@ def markdown(payload: dict) -> str:
             f"| {row['executor']} | {row['cells']} | {row['ok']} | {row['workers']} | {row['threads_per_cell']} | {row['wall_s']:.1f} |"
         )
     same = payload["study_same_top1"]
-    lines += ["", f"Every cell's Top-1 is the same under both executors: {'yes' if same else 'NO'}.", ""]
+    lines += ["", f"Every cell's Top-1 is the same under both executors: {'yes' if same else 'NO'}."]
+    if not same and len(payload["study"]) == 2:
+        a, b = (row["top1"] for row in payload["study"])
+        differing = ", ".join(f"{m} ({a.get(m)} vs {b.get(m)})" for m in a if a.get(m) != b.get(m))
+        lines.append(
+            f"Cells that differ (process vs ray): {differing}. A low-rank cell keeps only the factorised layers that "
+            "ONNX Runtime times faster, so with two cells timing at once the choice can differ between runs."
+        )
+    lines.append("")
     lines += ["## CUDA", "", payload["cuda_note"], ""]
     return "\n".join(lines)
 
@@ -187,6 +200,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--shared", action="store_true", help="say in the results that other jobs shared the machine")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite scale.md from scale.json")
     args = parser.parse_args()
     if args.worker:
@@ -199,6 +213,7 @@ def main() -> None:
 
     from deepshrink.evaluate.environment import environment
 
+    load_average = os.getloadavg()  # recorded: throughput on 2 cores is only comparable on a quiet machine
     cores = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="deepshrink-scale-"))
     settings = [(model, processes, threads) for model in MODELS for processes, threads in ((1, 1), (1, cores), (2, max(1, cores // 2)))]
@@ -234,7 +249,8 @@ def main() -> None:
     payload = {
         "environment": environment(),
         "ray": ray_version,
-        "shared_machine": True,
+        "shared_machine": args.shared,
+        "load_average": load_average,
         "train_images": TRAIN_IMAGES,
         "batch": BATCH,
         "warmup_steps": WARMUP,
