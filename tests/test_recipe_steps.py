@@ -91,7 +91,9 @@ def test_qat_step_resumes_from_its_checkpoint(data, tmp_path):
 
 @flow
 def test_decompose_step_resumes_into_the_factorised_structure(data, tmp_path):
-    steps = [{"decompose": {"method": "svd", "energy": 0.8, "finetune": ONE_EPOCH}}, {"export": {}}]
+    # forced: this test is about resuming into the factorised structure; whether ORT times lenet5's
+    # small Linears faster factorised is a measurement (the gate has its own tests in test_lowrank.py)
+    steps = [{"decompose": {"method": "svd", "energy": 0.8, "latency_check": False, "finetune": ONE_EPOCH}}, {"export": {}}]
     first = run(steps, data, tmp_path / "r")
     assert first.rows[-1].params < first.rows[0].params
     again = run(steps, data, tmp_path / "r")
